@@ -368,7 +368,7 @@ class VE(Path):
         return (-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio
 
     def sigmas(self, L: int) -> Tensor:
-        """The NCSN geometric sequence ``sigma_1 > ... > sigma_L``... largest first: (L,)."""
+        """The NCSN geometric sequence of ``L`` noise levels, largest first: (L,) float64."""
         return torch.exp(torch.linspace(math.log(self.sigma_max), math.log(self.sigma_min), L, dtype=torch.float64))
 
 
@@ -453,10 +453,22 @@ def _grid_uniform(path: Path, n: int, **_) -> Tensor:
     return torch.linspace(path.t_max, path.t_min, n, dtype=torch.float64)
 
 
+# Where a path's log-SNR is infinite at an end (rectified flow at t = 0 and 1), log-SNR grids use
+# EDM's noise range sigma/alpha in [0.002, 80] instead; the grid's end points stay t_max and t_min.
+_LAMBDA_RANGE = (-2 * math.log(80.0), -2 * math.log(0.002))
+
+
+def _log_snr_range(path: Path) -> tuple[float, float]:
+    """(log-SNR at t_max, log-SNR at t_min), clamped to a finite range."""
+    lo = float(path.log_snr(torch.tensor(path.t_max, dtype=torch.float64)))
+    hi = float(path.log_snr(torch.tensor(path.t_min, dtype=torch.float64)))
+    return max(lo, _LAMBDA_RANGE[0]) if not math.isfinite(lo) else lo, min(hi, _LAMBDA_RANGE[1]) if not math.isfinite(hi) else hi
+
+
 def _grid_karras(path: Path, n: int, rho: float = 7.0, **_) -> Tensor:
     """Karras et al. 2022 eq. 5 on the VE-equivalent noise ``s = sigma/alpha = exp(-lambda/2)``."""
-    s_max = torch.exp(-0.5 * path.log_snr(path.t_max))
-    s_min = torch.exp(-0.5 * path.log_snr(path.t_min))
+    lam_lo, lam_hi = _log_snr_range(path)
+    s_max, s_min = math.exp(-0.5 * lam_lo), math.exp(-0.5 * lam_hi)
     r = torch.linspace(0, 1, n, dtype=torch.float64)
     s = (s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return _from_log_snr(path, -2 * torch.log(s))
@@ -464,8 +476,8 @@ def _grid_karras(path: Path, n: int, rho: float = 7.0, **_) -> Tensor:
 
 def _grid_logsnr(path: Path, n: int, **_) -> Tensor:
     """Uniform in log-SNR (the DPM-Solver 'logSNR' grid)."""
-    lam = torch.linspace(float(path.log_snr(path.t_max)), float(path.log_snr(path.t_min)), n, dtype=torch.float64)
-    return _from_log_snr(path, lam)
+    lam_lo, lam_hi = _log_snr_range(path)
+    return _from_log_snr(path, torch.linspace(lam_lo, lam_hi, n, dtype=torch.float64))
 
 
 def _grid_shift(path: Path, n: int, shift: float = 3.0, **_) -> Tensor:
@@ -479,9 +491,8 @@ def _grid_shift(path: Path, n: int, shift: float = 3.0, **_) -> Tensor:
     t = _grid_uniform(path, n)
     if isinstance(path, RectifiedFlow):
         return shift * t / (1 + (shift - 1) * t)
-    lam = path.log_snr(t) - 2 * math.log(shift)
-    lo, hi = float(path.log_snr(path.t_max)), float(path.log_snr(path.t_min))
-    return _from_log_snr(path, lam.clamp(lo, hi))
+    lo, hi = _log_snr_range(path)
+    return _from_log_snr(path, (path.log_snr(t) - 2 * math.log(shift)).clamp(lo, hi))
 
 
 def _from_log_snr(path: Path, lam: Tensor) -> Tensor:
@@ -500,13 +511,15 @@ def time_grid(path: Path, steps: int, kind: str = "uniform", clean_end: bool = T
     Returns ``steps + 1`` float64 times from ``t_max`` down: with ``clean_end`` the first ``steps``
     are spread over ``[t_max, t_min]`` by ``kind`` and the last is ``t_clean`` (sigma = 0, where a
     sampler returns its denoised estimate); without it all ``steps + 1`` lie on ``[t_max, t_min]``.
+    When ``t_min`` is itself clean (rectified flow) the grid is simply ``steps + 1`` points on
+    ``[t_max, t_min]``, so no step is wasted.
     ``kind``: ``uniform`` (in t), ``karras`` (``rho=7``), ``logsnr``, ``shift`` (``shift=3``).
     """
     if kind not in GRIDS:
         raise ValueError(f"unknown time grid {kind!r}: expected one of {', '.join(GRIDS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if clean_end:
+    if clean_end and path.t_min != path.t_clean:
         if steps == 1:
             ts = torch.tensor([path.t_max], dtype=torch.float64)
         else:

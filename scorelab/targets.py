@@ -165,5 +165,7 @@ class Denoiser:
         return Prediction(x, c, x0, eps)
 
     def __call__(self, x: Tensor, t, kind: str = "x0", **cond) -> Tensor:
-        """The prediction of ``kind`` at ``(x, t)``."""
+        """The prediction of ``kind`` at ``(x, t)`` (the raw output when ``kind`` is the net's own)."""
+        if kind == self.kind:
+            return self.raw(x, t, **cond)
         return self.predict(x, t, **cond).get(kind)
