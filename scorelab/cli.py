@@ -1,0 +1,318 @@
+"""``scorelab train | sample | eval``.
+
+    scorelab train [CONFIG.yaml | PRESET] [--key value ...] [--runs DIR] [--resume]
+    scorelab sample RUN [--sampler S] [--steps N] [--n N] [--seed S] [--out FILE] [--class K ...]
+    scorelab eval RUN [--n N] [--sampler S] [--steps N] [--seed S]
+
+Bad input (a missing or malformed config key, an unknown sampler or path, a missing run folder,
+a corrupt checkpoint, images of the wrong shape) ends with one line on stderr and exit code 2;
+an existing run folder is never overwritten without ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_PRESET = "fmnist-rf"
+
+
+class UsageError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------
+# Config and run folders
+# --------------------------------------------------------------------------------------
+def presets_dir() -> Path:
+    return Path(__file__).resolve().parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def resolve_config(arg: str | None) -> dict:
+    from .train.config import load_yaml
+
+    if arg is None:
+        arg = DEFAULT_PRESET
+    p = Path(arg)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return load_yaml(p)
+    preset = presets_dir() / f"{arg}.yaml"
+    if preset.is_file():
+        return load_yaml(preset)
+    raise UsageError(f"config {arg!r} is neither a file nor a preset (presets: {', '.join(preset_names())})")
+
+
+def parse_overrides(rest: list[str]) -> list[tuple[str, object]]:
+    """``--a.b value`` / ``--a.b=value`` pairs from the unparsed command-line tail."""
+    from .train.config import parse_value
+
+    out, i = [], 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise UsageError(f"unexpected argument {tok!r} (overrides look like --train.steps 100)")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise UsageError(f"override --{key} needs a value")
+            val = rest[i + 1]
+            i += 2
+        out.append((key, parse_value(val)))
+    return out
+
+
+def load_data(cfg, split: str = "train"):
+    from .data import load_dataset
+
+    opts = dict(cfg.data.options)
+    if split != "train":
+        opts["split"] = split
+    return load_dataset(cfg.data.name, **opts)
+
+
+def build(cfg, dataset):
+    from .families import make_family
+
+    return make_family(cfg.model, tuple(dataset.shape), dataset.num_classes or 0, cfg.data.class_conditional)
+
+
+def open_run(run: str):
+    """(RunConfig, family, modules with EMA weights, meta) of a finished or interrupted run."""
+    from .train.checkpoint import CheckpointError, load_checkpoint
+    from .train.config import RunConfig, load_yaml
+    from .train.trainer import CKPT, load_module_states
+
+    d = Path(run)
+    if not d.is_dir():
+        raise UsageError(f"run folder {d} does not exist")
+    if not (d / "config.yaml").is_file():
+        raise UsageError(f"{d} is not a run folder (no config.yaml)")
+    cfg = RunConfig.from_dict(load_yaml(d / "config.yaml"))
+    tensors, meta = load_checkpoint(d / CKPT)
+    dataset_shape, num_classes = meta.get("data_shape"), meta.get("num_classes", 0)
+    if dataset_shape is None:
+        raise CheckpointError(f"checkpoint in {d} does not record the data shape")
+    from .families import make_family
+
+    family = make_family(cfg.model, tuple(dataset_shape), num_classes, cfg.data.class_conditional)
+    mods = family.modules()
+    prefix = "ema" if any(k.startswith("ema.") for k in tensors) else "model"
+    load_module_states(mods, tensors, prefix)
+    for m in mods.values():
+        m.eval()
+    return cfg, family, mods, meta
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+def cmd_train(args, rest) -> int:
+    import yaml
+
+    from .train.checkpoint import atomic_write_text
+    from .train.config import RunConfig, apply_overrides, load_yaml
+    from .train.trainer import CKPT, Trainer
+    from .viz import plot_loss_curve, save_samples
+
+    overrides = parse_overrides(rest)
+    runs = Path(args.runs)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"cannot resume: {run_dir} is not a run folder (no config.yaml)")
+        raw = load_yaml(run_dir / "config.yaml")
+        if args.config:
+            raise UsageError("give either a config or --resume RUN, not both")
+    else:
+        raw = resolve_config(args.config)
+    raw = apply_overrides(raw, overrides)
+    cfg = RunConfig.from_dict(raw)
+    if not args.resume:
+        run_dir = runs / cfg.name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UsageError(f"run folder {run_dir} already exists: resume it with --resume {run_dir} or pick another --name")
+    dataset = load_data(cfg)
+    family = build(cfg, dataset)
+    # the checkpoint records what `sample` / `eval` need to rebuild the model without the data
+    meta = {"data_shape": list(dataset.shape), "num_classes": int(dataset.num_classes or 0)}
+    trainer = Trainer(cfg, run_dir, family, dataset, resume=bool(args.resume), progress=not args.no_progress, extra_meta=meta)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    reference = None
+    if len(dataset.shape) == 1:
+        reference = family.prepare(dataset_tensors_head(dataset, 2000))
+
+    def on_sample(tr: Trainer):
+        mods = tr.sampling_modules()
+        n = 64 if len(family.data_shape) == 3 else 2000
+        y = None
+        if family.num_classes:
+            import torch
+
+            y = torch.arange(n) % family.num_classes
+        x = family.sample(mods, n, generator=0, y=y)
+        save_samples(x, run_dir / "samples" / f"step_{tr.step:06d}.png", reference=reference, nrow=8, title=f"step {tr.step}")
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+
+    print(f"training {cfg.name}: {cfg.model.get('family', 'diffusion')} on {cfg.data.name} {tuple(dataset.shape)} "
+          f"x{len(dataset)} -> {run_dir} (device {trainer.device}, precision {trainer.autocast_dtype or 'fp32'})", file=sys.stderr)
+    summary = trainer.fit(on_sample=on_sample)
+    final = sorted((run_dir / "samples").glob("step_*.png"))
+    if final:
+        import shutil
+
+        shutil.copyfile(final[-1], run_dir / "samples.png")
+    print(json.dumps({"run": str(run_dir), **summary, "checkpoint": str(run_dir / CKPT)}))
+    return 130 if summary["status"] == "interrupted" else 0
+
+
+def dataset_tensors_head(dataset, n):
+    from .train.trainer import dataset_tensors
+
+    x, _ = dataset_tensors(dataset)
+    return x[:n]
+
+
+def _parse_classes(values, family) -> "object":
+    import torch
+
+    if not values:
+        return None
+    if not family.num_classes:
+        raise UsageError("--class needs a class-conditional run (data.class_conditional: true)")
+    for v in values:
+        if not 0 <= v < family.num_classes:
+            raise UsageError(f"--class {v} is out of range 0..{family.num_classes - 1}")
+    return torch.tensor(values, dtype=torch.long)
+
+
+def cmd_sample(args, rest) -> int:
+    import torch
+
+    from .samplers import SAMPLERS
+    from .viz import save_samples
+
+    if rest:
+        raise UsageError(f"unexpected argument {rest[0]!r}")
+    if args.sampler and args.sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {args.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    cfg, family, mods, meta = open_run(args.run)
+    classes = _parse_classes(args.classes, family)
+    y = None
+    if classes is not None:
+        y = classes.repeat_interleave((args.n + len(classes) - 1) // len(classes))[: args.n]
+    t0 = time.perf_counter()
+    x = family.sample(mods, args.n, generator=args.seed, sampler=args.sampler, steps=args.steps, grid=args.grid, y=y)
+    dt = time.perf_counter() - t0
+    out = Path(args.out or Path(args.run) / f"sample_{args.sampler or family.cfg.sampler}_{args.steps or family.cfg.sampling_steps}.png")
+    if out.suffix == ".npz":
+        import numpy as np
+
+        np.savez_compressed(out, samples=x.numpy(), labels=(y.numpy() if y is not None else np.zeros(0)))
+    else:
+        nrow = None
+        if classes is not None and len(classes) > 1:
+            nrow = (args.n + len(classes) - 1) // len(classes)
+        save_samples(x, out, nrow=nrow)
+    print(json.dumps({"out": str(out), "n": args.n, "seconds": round(dt, 3), "step": meta.get("step")}))
+    return 0
+
+
+def cmd_eval(args, rest) -> int:
+    import torch
+
+    from . import metrics
+    from .train.checkpoint import atomic_write_text
+
+    if rest:
+        raise UsageError(f"unexpected argument {rest[0]!r}")
+    cfg, family, mods, meta = open_run(args.run)
+    test = load_data(cfg, split="test") if _has_split(cfg) else load_data(cfg)
+    if tuple(test.shape) != tuple(family.data_shape):
+        raise UsageError(f"test data of shape {tuple(test.shape)} does not match the run's {tuple(family.data_shape)}")
+    t0 = time.perf_counter()
+    x = family.sample(mods, args.n, generator=args.seed, sampler=args.sampler, steps=args.steps, grid=args.grid)
+    dt = time.perf_counter() - t0
+    real = family.prepare(dataset_tensors_head(test, args.n_real or len(test)))
+    result = {"run": str(args.run), "step": meta.get("step"), "n": args.n, "sampler": args.sampler or family.cfg.sampler,
+              "steps": args.steps or family.cfg.sampling_steps, "sampling_seconds": round(dt, 3)}
+    if tuple(family.data_shape) == (1, 28, 28):
+        result.update(metrics.evaluate_images(x, real))
+    else:
+        result["sliced_w2"] = float(metrics.sliced_wasserstein(x.flatten(1), real.flatten(1), generator=torch.Generator().manual_seed(0)))
+    atomic_write_text(Path(args.run) / "eval.json", json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
+def _has_split(cfg) -> bool:
+    return cfg.data.name not in ("folder", "npz")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scorelab", description="Train, sample and evaluate score-based and diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model from a YAML config or preset",
+                       description="Train from CONFIG (a YAML file or a preset name; default: fmnist-rf). "
+                                   "Any config key can be overridden: --train.steps 500 --model.path ddpm.")
+    t.add_argument("config", nargs="?", help=f"YAML file or preset name ({', '.join(preset_names()) or 'see configs/'})")
+    t.add_argument("--runs", default="runs", help="parent folder of run folders (default: runs)")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN (same step, optimizer, EMA, RNG)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = sub.add_parser("sample", help="draw samples from a trained run", description="Draw samples from a run's EMA weights.")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--sampler", help="sampler name (default: the run's)")
+    s.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    s.add_argument("--grid", help="time grid: uniform karras logsnr shift")
+    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
+    s.add_argument("--out", help="output .png (grid) or .npz (arrays)")
+    s.add_argument("--class", dest="classes", type=int, nargs="+", help="class label(s) for a conditional run; one row per class")
+    e = sub.add_parser("eval", help="measure a run: FID, KID, precision/recall (domain features)",
+                       description="Sample N images and compare them with the test split in the domain classifier's feature space.")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--n", type=int, default=1000, help="number of generated samples (default 1000)")
+    e.add_argument("--n-real", type=int, default=0, help="number of test images (default: all)")
+    e.add_argument("--sampler", help="sampler name (default: the run's)")
+    e.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    e.add_argument("--grid", help="time grid")
+    e.add_argument("--seed", type=int, default=0, help="first seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.images import DataError
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError
+
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    cmd = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command]
+    try:
+        return cmd(args, rest)
+    except (UsageError, ConfigError, CheckpointError, DataError) as e:
+        print(f"scorelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # validation inside the library (paths, samplers, nets, shapes)
+        print(f"scorelab {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"scorelab {args.command}: error: {e.filename or e}: file not found", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

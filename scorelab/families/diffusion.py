@@ -1,0 +1,158 @@
+"""The diffusion family: every path x every prediction kind, trained with the one regression loss.
+
+Rectified flow, DDPM, VP/VE/sub-VP SDE models and EDM are all this family with different
+``path`` / ``prediction`` / ``target`` / ``weighting`` / ``time_sampler`` settings (see the YAML
+presets in ``configs/``). Sampling goes through ``scorelab.samplers`` with any sampler and grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import WEIGHTINGS, diffusion_loss, make_time_sampler
+from ..nets.registry import NETS, build_net
+from ..paths import PATHS, make_path
+from ..targets import KINDS, Denoiser
+from ..train.config import ConfigError, from_dict
+
+__all__ = ["DiffusionConfig", "DiffusionFamily"]
+
+
+@dataclass
+class DiffusionConfig:
+    family: str = "diffusion"  # registry name of this family
+    path: str = "rf"  # forward process: vp cosine subvp ddpm ve rf edm
+    path_options: dict = field(default_factory=dict)  # e.g. {T: 1000} for ddpm, {sigma_max: 50} for ve
+    prediction: str = "velocity"  # what the network outputs: eps x0 v score velocity
+    target: str = ""  # what the loss regresses ("" = the prediction itself)
+    weighting: str = "constant"  # lambda(t): constant sigma2 snr min_snr edm
+    weighting_options: dict = field(default_factory=dict)  # e.g. {gamma: 5} for min_snr
+    time_sampler: str = "uniform"  # uniform logit_normal log_normal
+    time_sampler_options: dict = field(default_factory=dict)  # e.g. {location: 0, scale: 1}
+    net: str = "unet"  # network registry name: unet mlp
+    net_options: dict = field(default_factory=dict)  # the net's config fields
+    sampler: str = "euler"  # default sampler for grids, `scorelab sample` and `eval`
+    sampling_steps: int = 20  # default number of sampler steps
+    grid: str = "uniform"  # default time grid: uniform karras logsnr shift
+    grid_options: dict = field(default_factory=dict)  # e.g. {shift: 3} or {rho: 7}
+    label_dropout: float = 0.0  # probability of replacing a label by the null label in training
+
+    def __post_init__(self):
+        from ..paths import GRIDS
+        from ..samplers import SAMPLERS
+
+        if self.path not in PATHS:
+            raise ConfigError(f"model.path {self.path!r} is unknown: expected one of {', '.join(PATHS)}")
+        if self.prediction not in KINDS:
+            raise ConfigError(f"model.prediction {self.prediction!r} is unknown: expected one of {', '.join(KINDS)}")
+        self.target = self.target or self.prediction
+        if self.target not in KINDS:
+            raise ConfigError(f"model.target {self.target!r} is unknown: expected one of {', '.join(KINDS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"model.weighting {self.weighting!r} is unknown: expected one of {', '.join(WEIGHTINGS)}")
+        if self.net not in NETS:
+            raise ConfigError(f"model.net {self.net!r} is unknown: expected one of {', '.join(NETS)}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"model.sampler {self.sampler!r} is unknown: expected one of {', '.join(SAMPLERS)}")
+        if self.grid not in GRIDS:
+            raise ConfigError(f"model.grid {self.grid!r} is unknown: expected one of {', '.join(GRIDS)}")
+        if self.sampling_steps < 1:
+            raise ConfigError(f"model.sampling_steps must be >= 1, got {self.sampling_steps}")
+        if not 0 <= self.label_dropout < 1:
+            raise ConfigError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
+        try:
+            make_path(self.path, **self.path_options)
+            make_time_sampler(self.time_sampler, **self.time_sampler_options)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+class DiffusionFamily:
+    """Network + path + loss; ``training_step`` does one optimisation step of the regression loss."""
+
+    config_cls = DiffusionConfig
+    preferred_cpu_precision = "fp32"
+
+    def __init__(self, model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):
+        self.cfg: DiffusionConfig = from_dict(DiffusionConfig, model_cfg, "model")
+        self.data_shape = tuple(data_shape)  # (C, H, W) or (D,)
+        self.num_classes = num_classes if class_conditional else 0
+        self.path = make_path(self.cfg.path, **self.cfg.path_options)
+        self.time_sampler = make_time_sampler(self.cfg.time_sampler, **self.cfg.time_sampler_options)
+        try:
+            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data_shape, self.num_classes, self.cfg.path)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.net_options: {e}") from None
+
+    # --- the trainer's interface --------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        return {"main": ["net"]}
+
+    @staticmethod
+    def prepare(x: Tensor) -> Tensor:
+        """Raw dataset tensors to model space: uint8 images -> [-1, 1], points -> float32."""
+        if x.dtype == torch.uint8:
+            return x.to(torch.float32) / 127.5 - 1
+        return x.to(torch.float32)
+
+    def denoiser(self, modules: dict[str, nn.Module] | None = None) -> Denoiser:
+        net = (modules or self.modules())["net"]
+        return Denoiser(net, self.path, self.cfg.prediction)
+
+    def training_step(self, modules, batch: dict, ctx) -> dict:
+        x0 = batch["x"]
+        cond = {}
+        if self.num_classes:
+            y = batch["y"].clone()
+            if self.cfg.label_dropout > 0:
+                drop = torch.rand(y.shape, generator=ctx.generator, device=ctx.generator.device).to(y.device) < self.cfg.label_dropout
+                y[drop] = self.num_classes
+            cond["y"] = y
+        den = Denoiser(modules["net"], self.path, self.cfg.prediction, net_dtype=torch.float32)
+        with ctx.autocast():
+            loss = diffusion_loss(
+                den, x0, target=self.cfg.target, weighting_name=self.cfg.weighting,
+                weighting_opts=self.cfg.weighting_options, time_sampler=self.time_sampler,
+                generator=ctx.generator, cond=cond,
+            ).mean()
+        gn = ctx.optimize(loss, "main")
+        return {"loss": loss.detach(), "grad_norm": gn}
+
+    # --- sampling -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, modules, n: int, generator=None, sampler: str | None = None, steps: int | None = None,
+               grid: str | None = None, grid_options: dict | None = None, y: Tensor | None = None,
+               device=None, batch_size: int = 256, **sampler_opts) -> Tensor:
+        """``n`` samples in model space: (n, *data_shape), float32 on CPU.
+
+        ``generator``: a seed, a torch.Generator, or a list of per-example generators.
+        ``y``: (n,) labels for a class-conditional model (``num_classes`` = unconditional).
+        """
+        from ..random import generators_for_seeds
+        from ..samplers import sample as run_sampler
+
+        net = modules["net"]
+        dev = device or next(net.parameters()).device
+        den = Denoiser(net, self.path, self.cfg.prediction)
+        if isinstance(generator, int):
+            generator = generators_for_seeds(range(generator, generator + n), device="cpu")
+        outs = []
+        for i in range(0, n, batch_size):
+            j = min(n, i + batch_size)
+            gen = generator[i:j] if isinstance(generator, (list, tuple)) else generator
+            x = self.path.prior_sample((j - i, *self.data_shape), generator=gen, dtype=torch.float32).to(dev)
+            cond = {}
+            if self.num_classes:
+                yy = y[i:j] if y is not None else torch.full((j - i,), self.num_classes, dtype=torch.long)
+                cond["y"] = yy.to(dev)
+            out = run_sampler(den, x, steps or self.cfg.sampling_steps, sampler=sampler or self.cfg.sampler,
+                              grid=grid or self.cfg.grid, grid_opts=self.cfg.grid_options if grid_options is None else grid_options,
+                              generator=gen, cond=cond, **sampler_opts)
+            outs.append(out.float().cpu())
+        return torch.cat(outs)

@@ -1,0 +1,332 @@
+"""The training loop, shared by every model family.
+
+A *family* (``scorelab.families``) owns its networks and its maths: it lists its modules, says
+which optimizer updates which modules, and supplies ``training_step(batch, ctx)``, in which it
+calls ``ctx.optimize(loss, name)`` once per optimizer it wants to step (a diffusion model once, a
+GAN twice with alternating losses). The trainer owns everything else: devices and precision,
+AdamW with warm-up, gradient clipping, EMA weights, the data order, the random streams,
+checkpoints (safetensors, atomic), metrics (JSONL), sample grids and the loss curve (PNG), the
+progress bar, resuming and Ctrl-C.
+
+Determinism: the data order of epoch ``e`` is a permutation drawn from a generator seeded by
+``(seed, e)``, the learning rate is a function of the step, and the noise generator, torch's
+global generator (dropout), EMA and optimizer moments are all checkpointed — so ``N`` steps, a
+resume and ``N`` more give the same weights as ``2N`` steps straight through (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from .config import RunConfig
+
+__all__ = ["Trainer", "StepContext", "EMA", "resolve_device", "resolve_precision"]
+
+CKPT = "checkpoint.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device {name!r} is not a device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available")
+    return dev
+
+
+def resolve_precision(name: str, device: torch.device, preferred_cpu: str = "fp32") -> torch.dtype | None:
+    """The autocast dtype (``None`` for fp32). ``auto``: bf16 on CUDA that supports it; on CPU the
+    family's measured preference (``preferred_cpu``)."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if preferred_cpu == "bf16" else None
+
+
+class EMA:
+    """Exponential moving averages of the parameters and buffers of some modules.
+
+    ``decay_t = min(decay, (1 + t) / (10 + t))`` warms the average up over the first steps.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], decay: float):
+        self.decay = decay  # long-run decay per step
+        self.shadow = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module], step: int, names: list[str] | None = None) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for name in names or list(modules):
+            for k, v in modules[name].state_dict().items():
+                s = self.shadow[name][k]
+                if v.is_floating_point():
+                    s.lerp_(v.detach(), 1 - d)
+                else:
+                    s.copy_(v)
+
+    def copy_to(self, modules: dict[str, nn.Module]) -> None:
+        for name, m in modules.items():
+            m.load_state_dict(self.shadow[name])
+
+
+@dataclass
+class StepContext:
+    """What a family's ``training_step`` gets: the step, device, precision, noise and ``optimize``."""
+
+    step: int
+    device: torch.device
+    generator: torch.Generator  # the run's noise stream (checkpointed)
+    autocast_dtype: torch.dtype | None
+    _optimize: Callable[[torch.Tensor, str], float]
+    metrics: dict = field(default_factory=dict)
+
+    def autocast(self):
+        """Context manager for the network forward passes (bf16 autocast when enabled)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def optimize(self, loss: torch.Tensor, optimizer: str = "main") -> float:
+        """Backward ``loss`` (a scalar), clip, step ``optimizer`` and update its modules' EMA.
+
+        Returns the gradient norm before clipping.
+        """
+        return self._optimize(loss, optimizer)
+
+
+class Trainer:
+    """Runs a family on a dataset into ``run_dir``; ``fit()`` trains to ``cfg.train.steps``."""
+
+    def __init__(self, cfg: RunConfig, run_dir, family, dataset, *, resume: bool = False, progress: bool = True,
+                 extra_meta: dict | None = None):
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.run_dir = Path(run_dir)
+        self.family = family
+        self.progress = progress
+        self.extra_meta = dict(extra_meta or {})  # recorded in every checkpoint (e.g. the data shape)
+        self.device = resolve_device(self.tc.device)
+        if self.tc.threads > 0:
+            torch.set_num_threads(self.tc.threads)
+        self.autocast_dtype = resolve_precision(self.tc.precision, self.device, getattr(family, "preferred_cpu_precision", "fp32"))
+
+        # data, held as tensors on the device: uint8 images are converted per batch
+        self.x, self.y = dataset_tensors(dataset)
+        self.n = self.x.shape[0]
+        if self.n < self.tc.batch_size:
+            raise ValueError(f"train.batch_size {self.tc.batch_size} is larger than the dataset ({self.n} examples)")
+        self.batches_per_epoch = self.n // self.tc.batch_size
+
+        torch.manual_seed(cfg.seed)
+        self.modules: dict[str, nn.Module] = {k: m.to(self.device) for k, m in family.modules().items()}
+        self.optimizers = {}
+        for name, module_names in family.optimizer_groups().items():
+            params = [p for mn in module_names for p in self.modules[mn].parameters() if p.requires_grad]
+            self.optimizers[name] = torch.optim.AdamW(
+                params, lr=self.tc.lr, betas=tuple(self.tc.betas), weight_decay=self.tc.weight_decay
+            )
+        self._opt_modules = family.optimizer_groups()
+        self.ema = EMA(self.modules, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
+        self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.elapsed = 0.0
+        if resume:
+            self._load()
+        self._step_fns = {k: (torch.compile(m) if self.tc.compile else m) for k, m in self.modules.items()}
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def state_tensors(self) -> tuple[dict, dict]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"step": self.step, "elapsed": self.elapsed, "family": self.cfg.model.get("family"), "optimizers": {},
+                                **self.extra_meta}
+        for name, m in self.modules.items():
+            for k, v in m.state_dict().items():
+                tensors[f"model.{name}.{k}"] = v
+        if self.ema is not None:
+            for name, sd in self.ema.shadow.items():
+                for k, v in sd.items():
+                    tensors[f"ema.{name}.{k}"] = v
+        for name, opt in self.optimizers.items():
+            t, m = optimizer_to_flat(opt, f"opt.{name}")
+            tensors.update(t)
+            meta["optimizers"][name] = m
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.noise"] = self.noise.get_state()
+        meta["config"] = self.cfg.to_dict()
+        return tensors, meta
+
+    def save(self) -> Path:
+        tensors, meta = self.state_tensors()
+        path = self.run_dir / CKPT
+        save_checkpoint(path, tensors, meta)
+        return path
+
+    def _load(self) -> None:
+        tensors, meta = load_checkpoint(self.run_dir / CKPT)
+        load_module_states(self.modules, tensors, "model")
+        if self.ema is not None:
+            for name, sd in self.ema.shadow.items():
+                for k in sd:
+                    key = f"ema.{name}.{k}"
+                    if key not in tensors:
+                        raise CheckpointError(f"checkpoint lacks {key}")
+                    sd[k].copy_(tensors[key])
+        for name, opt in self.optimizers.items():
+            if name not in meta.get("optimizers", {}):
+                raise CheckpointError(f"checkpoint lacks optimizer {name!r}")
+            optimizer_from_flat(opt, f"opt.{name}", tensors, meta["optimizers"][name])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.noise.set_state(tensors["rng.noise"])
+        self.step = int(meta["step"])
+        self.elapsed = float(meta.get("elapsed", 0.0))
+
+    # --- the loop -----------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to ``lr`` over ``warmup`` steps, then constant."""
+        if self.tc.warmup <= 0:
+            return self.tc.lr
+        return self.tc.lr * min(1.0, (step + 1) / self.tc.warmup)
+
+    def batch_at(self, step: int) -> dict:
+        """The batch of ``step``: epoch permutation seeded by (seed, epoch), then a slice."""
+        epoch, i = divmod(step, self.batches_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        idx = perm[i * self.tc.batch_size : (i + 1) * self.tc.batch_size].to(self.x.device)
+        batch = {"x": self.family.prepare(self.x[idx])}
+        if self.y is not None:
+            batch["y"] = self.y[idx]
+        return batch
+
+    def _optimize(self, loss: torch.Tensor, name: str) -> float:
+        if name not in self.optimizers:
+            raise KeyError(f"family asked for unknown optimizer {name!r}")
+        opt = self.optimizers[name]
+        for g in opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if self.tc.grad_clip > 0:
+            gn = float(torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip))
+        else:
+            gn = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
+        opt.step()
+        if self.ema is not None:
+            self.ema.update(self.modules, self.step, self._opt_modules[name])
+        return gn
+
+    def fit(self, on_sample: Callable[["Trainer"], None] | None = None) -> dict:
+        """Train until ``train.steps`` (or ``max_minutes``, or Ctrl-C); always ends with a checkpoint.
+
+        Returns ``{"step", "status", "elapsed"}`` with status ``done``, ``time_limit`` or ``interrupted``.
+        """
+        from tqdm.auto import tqdm
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_f = open(self.run_dir / "metrics.jsonl", "a")
+        status = "done"
+        start_step, t0 = self.step, time.perf_counter()
+        elapsed0 = self.elapsed
+        bar = tqdm(total=self.tc.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc=self.cfg.name, unit="step")
+        old_term = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        for m in self.modules.values():
+            m.train()
+        window: list[float] = []
+        last_log_t, last_log_step = time.perf_counter(), self.step
+        try:
+            while self.step < self.tc.steps:
+                if self.tc.max_minutes and (elapsed0 + time.perf_counter() - t0) > 60 * self.tc.max_minutes:
+                    status = "time_limit"
+                    break
+                batch = self.batch_at(self.step)
+                ctx = StepContext(self.step, self.device, self.noise, self.autocast_dtype, self._optimize)
+                out = self.family.training_step(self._step_fns, batch, ctx)
+                loss = float(out["loss"])
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step}; lower train.lr or check the data")
+                window.append(loss)
+                self.step += 1
+                self.elapsed = elapsed0 + time.perf_counter() - t0
+                if self.step % self.tc.log_every == 0 or self.step == self.tc.steps:
+                    now = time.perf_counter()
+                    its = (self.step - last_log_step) / max(now - last_log_t, 1e-9)
+                    rec = {"step": self.step, "loss": sum(window) / len(window), "lr": self.lr_at(self.step - 1), "it_s": its,
+                           "ex_s": its * self.tc.batch_size, "elapsed": round(self.elapsed, 2)}
+                    rec.update({k: float(v) for k, v in out.items() if k != "loss"})
+                    metrics_f.write(json.dumps(rec) + "\n")
+                    metrics_f.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['ex_s']:.0f}")
+                    window.clear()
+                    last_log_t, last_log_step = now, self.step
+                bar.update(1)
+                if self.tc.ckpt_every and self.step % self.tc.ckpt_every == 0 and self.step < self.tc.steps:
+                    self.save()
+                if on_sample is not None and self.tc.sample_every and self.step % self.tc.sample_every == 0 and self.step < self.tc.steps:
+                    on_sample(self)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            bar.close()
+            metrics_f.close()
+        self.save()
+        if on_sample is not None:
+            on_sample(self)
+        return {"step": self.step, "status": status, "elapsed": self.elapsed, "steps_this_run": self.step - start_step}
+
+    def sampling_modules(self, use_ema: bool = True) -> dict[str, nn.Module]:
+        """Copies of the modules in eval mode, with EMA weights when available."""
+        import copy
+
+        mods = {k: copy.deepcopy(m).eval() for k, m in self.modules.items()}
+        if use_ema and self.ema is not None:
+            self.ema.copy_to(mods)
+        return mods
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def load_module_states(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Load ``prefix.<module>.<key>`` tensors into modules; a mismatch raises CheckpointError."""
+    for name, m in modules.items():
+        sd = {k[len(prefix) + len(name) + 2 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{name}.")}
+        try:
+            m.load_state_dict(sd)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint weights for {name!r} do not match the model: {first}") from None
+
+
+def dataset_tensors(ds) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, y)``: the stored examples (uint8 images or float points) and labels (or None)."""
+    for attr in ("images", "points"):
+        if hasattr(ds, attr):
+            x = getattr(ds, attr)
+            break
+    else:
+        raise TypeError(f"{type(ds).__name__} holds neither images nor points")
+    y = getattr(ds, "labels", None)
+    x = torch.as_tensor(x)
+    y = None if y is None else torch.as_tensor(y).long()
+    return x, y

@@ -1,0 +1,113 @@
+"""Pictures: image grids, 2-D scatter plots, loss curves and interpolation strips (PNG).
+
+Matplotlib runs with the Agg backend (no screen needed); image grids are written with PIL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["image_grid", "save_image_grid", "save_scatter", "plot_loss_curve", "save_samples"]
+
+
+def image_grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile images ``x: (N, C, H, W)`` in ``[-1, 1]`` into one uint8 array (H', W', C) or (H', W')."""
+    x = x.detach().to("cpu", torch.float32)
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    ncol = int(math.ceil(n / nrow))
+    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = u8[i].transpose(1, 2, 0)
+    return grid[..., 0] if c == 1 else grid
+
+
+def save_image_grid(x: Tensor, path, nrow: int | None = None, scale: int = 2) -> Path:
+    """Write ``x: (N, C, H, W)`` in ``[-1, 1]`` as a PNG grid, upscaled ``scale``x (nearest)."""
+    from PIL import Image
+
+    g = image_grid(x, nrow)
+    img = Image.fromarray(g)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_scatter(x: Tensor, path, reference: Tensor | None = None, title: str = "") -> Path:
+    """Scatter of 2-D points ``x: (N, 2)``, optionally over reference points (grey)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    if reference is not None:
+        r = reference.detach().cpu().numpy()
+        ax.scatter(r[:, 0], r[:, 1], s=2, c="0.75", label="data")
+    p = x.detach().cpu().numpy()
+    ax.scatter(p[:, 0], p[:, 1], s=2, c="C0", label="samples")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    if reference is not None:
+        ax.legend(loc="upper right", markerscale=4, fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curve(metrics_jsonl, path) -> Path | None:
+    """Loss against step from a run's ``metrics.jsonl`` (log scale when positive)."""
+    steps, losses = [], []
+    p = Path(metrics_jsonl)
+    if not p.is_file():
+        return None
+    for line in p.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in r:
+            steps.append(r["step"])
+            losses.append(r["loss"])
+    if not steps:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(steps, losses, lw=1.2)
+    if min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_samples(x: Tensor, path, reference: Tensor | None = None, nrow: int | None = None, title: str = "") -> Path:
+    """Images (N, C, H, W) as a grid, points (N, 2) as a scatter."""
+    if x.ndim == 4:
+        return save_image_grid(x, path, nrow)
+    if x.ndim == 2 and x.shape[1] == 2:
+        return save_scatter(x, path, reference, title)
+    raise ValueError(f"cannot draw samples of shape {tuple(x.shape)}")
