@@ -73,6 +73,35 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, object]]:
     return out
 
 
+_TRAIN_FLAGS = {"--runs", "--resume", "--no-progress", "--help", "-h"}
+_TRAIN_FLAGS_WITH_VALUE = {"--runs", "--resume"}
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``train``'s config overrides (``--key value`` / ``--key=value``) from its own flags,
+    so that an override's value is never taken for the positional CONFIG."""
+    if not argv or argv[0] != "train":
+        return argv, []
+    keep, overrides, i = [argv[0]], [], 1
+    while i < len(argv):
+        tok = argv[i]
+        flag = tok.split("=", 1)[0]
+        if tok.startswith("--") and flag not in _TRAIN_FLAGS:
+            if "=" in tok:
+                overrides.append(tok)
+                i += 1
+            else:
+                overrides.extend(argv[i : i + 2])
+                i += 2
+        else:
+            keep.append(tok)
+            if flag in _TRAIN_FLAGS_WITH_VALUE and "=" not in tok and i + 1 < len(argv):
+                keep.append(argv[i + 1])
+                i += 1
+            i += 1
+    return keep, overrides
+
+
 def load_data(cfg, split: str = "train"):
     from .data import load_dataset
 
@@ -83,8 +112,12 @@ def load_data(cfg, split: str = "train"):
 
 
 def build(cfg, dataset):
+    """The run's family, its weights initialised from ``cfg.seed``."""
+    import torch
+
     from .families import make_family
 
+    torch.manual_seed(cfg.seed)
     return make_family(cfg.model, tuple(dataset.shape), dataset.num_classes or 0, cfg.data.class_conditional)
 
 
@@ -299,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train.config import ConfigError
 
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, rest = split_overrides(argv)
+    args, unknown = parser.parse_known_args(argv)
+    rest = unknown + rest
     cmd = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command]
     try:
         return cmd(args, rest)

@@ -129,7 +129,7 @@ class DiffusionFamily:
     def sample(self, modules, n: int, generator=None, sampler: str | None = None, steps: int | None = None,
                grid: str | None = None, grid_options: dict | None = None, y: Tensor | None = None,
                device=None, batch_size: int = 256, **sampler_opts) -> Tensor:
-        """``n`` samples in model space: (n, *data_shape), float32 on CPU.
+        """``n`` samples in model space: (n, *data_shape), float32 on CPU (images clipped to [-1, 1]).
 
         ``generator``: a seed, a torch.Generator, or a list of per-example generators.
         ``y``: (n,) labels for a class-conditional model (``num_classes`` = unconditional).
@@ -155,4 +155,6 @@ class DiffusionFamily:
                               grid=grid or self.cfg.grid, grid_opts=self.cfg.grid_options if grid_options is None else grid_options,
                               generator=gen, cond=cond, **sampler_opts)
             outs.append(out.float().cpu())
-        return torch.cat(outs)
+        x = torch.cat(outs)
+        # images live in [-1, 1]: clip as any image output would (points are left as they are)
+        return x.clamp(-1, 1) if len(self.data_shape) == 3 else x
