@@ -32,7 +32,6 @@ import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -347,8 +346,8 @@ def _check_split(split: str, options=("train", "test")) -> str:
 
 
 def embedded_fmnist_path():
-    """The packaged subset ``scorelab/assets/fmnist_subset.npz`` (an importlib.resources Traversable)."""
-    return resources.files("scorelab").joinpath("assets", "fmnist_subset.npz")
+    """The packaged subset ``scorelab/assets/fmnist_subset.npz``."""
+    return Path(__file__).resolve().parent.parent / "assets" / "fmnist_subset.npz"
 
 
 def load_embedded_fmnist(split: str = "train") -> ImageDataset:

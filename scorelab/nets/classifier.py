@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -99,12 +99,15 @@ class LeNet(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # scorelab/assets
+
+
 def asset_paths(name: str = "fmnist"):
     """``(weights, metadata)`` traversables of the shipped classifier ``name`` in scorelab/assets."""
     if name not in DOMAIN_CLASSIFIERS:
         raise ValueError(f"unknown domain classifier name={name!r}; known: {sorted(DOMAIN_CLASSIFIERS)}")
     stem = DOMAIN_CLASSIFIERS[name]
-    root = resources.files("scorelab").joinpath("assets")
+    root = ASSETS
     return root.joinpath(stem + ".safetensors"), root.joinpath(stem + ".json")
 
 
@@ -122,8 +125,7 @@ def load_domain_classifier(name: str = "fmnist", device: str | torch.device = "c
                                 "run scripts/train_domain_classifier.py")
     meta = json.loads(meta_file.read_text())
     model = LeNet(LeNetConfig(**meta["config"]))
-    with resources.as_file(weights) as path:
-        state = load_file(str(path))
+    state = load_file(str(weights))
     model.load_state_dict(state)
     model.metadata = meta
     model.eval().requires_grad_(False)
