@@ -47,8 +47,8 @@ Rows:
 
 Usage (2 cores shared: one torch thread is the default and usually fastest)::
 
-    .venv/bin/python benchmarks/samplers.py            # full run (NFE 5 10 20 50), ~10 min
-    .venv/bin/python benchmarks/samplers.py --quick    # small N, NFE 5 10, ~1 min
+    .venv/bin/python benchmarks/samplers.py            # full run (NFE 5 10 20 50), 5-8 min
+    .venv/bin/python benchmarks/samplers.py --quick    # small N, NFE 5 10, ~20-40 s
     .venv/bin/python benchmarks/samplers.py --n 4000 --seed 1 --out /tmp/s.json
 
 Prints one table per mixture and a summary (best of ours vs best of diffusers at each NFE) and
