@@ -240,6 +240,20 @@ def test_error_falls_with_nfe():
         assert err[50] < err[5] / 3, f"{name}: error {err[50]:.3g} at NFE 50 vs {err[5]:.3g} at NFE 5"
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m"])
+def test_lower_order_final_helps_short_ddpm_grids(name):
+    """On DDPM with 10 uniform steps, the multistep extrapolation into the last noisy time is
+    the dominant error (benchmarks/samplers.py); lower_order_final removes most of it."""
+    gm = truth("eight")[0]
+    path = make_path("ddpm")
+    x = exact_start(gm, path, path.t_max, 256, seed=7)
+    ref = S.sample_dpmpp_3m(gm.denoiser(path), x, time_grid(path, 500, "logsnr"))
+    ts = time_grid(path, 10, "uniform")
+    err = {flag: float((S.SAMPLERS[name](gm.denoiser(path), x, ts, lower_order_final=flag) - ref).norm(dim=1).mean())
+           for flag in (True, False)}
+    assert err[True] < err[False] / 2, err
+
+
 # --------------------------------------------------------------------------------------
 # One-step identities
 # --------------------------------------------------------------------------------------
