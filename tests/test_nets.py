@@ -50,7 +50,9 @@ def test_unet_shapes(size, attention, classes):
 @pytest.mark.parametrize("size", [28, 32, 8])
 def test_unet_odd_grids_patchify_and_three_levels(size):
     # 28 -> 14 -> 7 -> 4 and back; patch 2: 14 -> 7 -> 4; RGB in, different channels out
-    for kw in (dict(channel_mult=(1, 2, 2)), dict(patch_size=2, channel_mult=(1, 2, 2), num_res_blocks=(1, 2, 1))):
+    for kw in (dict(channel_mult=(1, 2, 2), patch_size=1),
+               dict(patch_size=2, channel_mult=(1, 2, 2), num_res_blocks=(1, 2, 1), pixel_channels=0),
+               dict(patch_size=2, pixel_channels=4)):
         net = tiny_unet(in_channels=3, out_channels=2, **kw)
         out = net(torch.randn(2, 3, size, size), torch.rand(2))
         assert out.shape == (2, 2, size, size)
@@ -157,6 +159,7 @@ def test_null_label_row_and_default():
         (UNetConfig, dict(dropout=1.0), "dropout"),
         (UNetConfig, dict(norm="batch"), "norm"),
         (UNetConfig, dict(patch_size=0), "patch_size"),
+        (UNetConfig, dict(pixel_channels=-1), "pixel_channels"),
         (UNetConfig, dict(time_input="sqrt"), "time_input"),
         (UNetConfig, dict(time_scale=0.0), "time_scale"),
         (UNetConfig, dict(time_embedding="learned"), "time_embedding"),
@@ -201,10 +204,17 @@ def test_gradients_reach_every_parameter(make):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_zero_init_net_still_learns_its_head():
-    net = tiny_unet()
+@pytest.mark.parametrize("pixel_channels", [0, 4])
+def test_zero_init_net_still_learns_its_last_layer(pixel_channels):
+    net = tiny_unet(patch_size=2, pixel_channels=pixel_channels)
     net(torch.randn(2, 1, 8, 8), torch.rand(2)).sum().backward()
-    assert net.head[-1].weight.grad.abs().sum() > 0
+    last = net.pixel_head if pixel_channels else net.head[-1]
+    assert last.weight.grad.abs().sum() > 0
+
+
+def test_odd_size_rejected_with_patchify():
+    with pytest.raises(ValueError, match="patch_size=2"):
+        tiny_unet(patch_size=2)(torch.randn(1, 1, 7, 7), torch.rand(1))
 
 
 def test_determinism_with_seed():
