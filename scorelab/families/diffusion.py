@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..data.images import ImageDataset
 from ..losses import WEIGHTINGS, diffusion_loss, make_time_sampler
 from ..nets.registry import NETS, build_net
 from ..paths import PATHS, make_path
@@ -98,7 +99,7 @@ class DiffusionFamily:
     def prepare(x: Tensor) -> Tensor:
         """Raw dataset tensors to model space: uint8 images -> [-1, 1], points -> float32."""
         if x.dtype == torch.uint8:
-            return x.to(torch.float32) / 127.5 - 1
+            return ImageDataset.to_float(x)
         return x.to(torch.float32)
 
     def denoiser(self, modules: dict[str, nn.Module] | None = None) -> Denoiser:

@@ -133,16 +133,17 @@ class Trainer:
         if self.n < self.tc.batch_size:
             raise ValueError(f"train.batch_size {self.tc.batch_size} is larger than the dataset ({self.n} examples)")
         self.batches_per_epoch = self.n // self.tc.batch_size
+        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation), derived from the step
 
         torch.manual_seed(cfg.seed)
         self.modules: dict[str, nn.Module] = {k: m.to(self.device) for k, m in family.modules().items()}
         self.optimizers = {}
-        for name, module_names in family.optimizer_groups().items():
+        self._opt_modules = family.optimizer_groups()  # optimizer name -> names of the modules it updates
+        for name, module_names in self._opt_modules.items():
             params = [p for mn in module_names for p in self.modules[mn].parameters() if p.requires_grad]
             self.optimizers[name] = torch.optim.AdamW(
                 params, lr=self.tc.lr, betas=tuple(self.tc.betas), weight_decay=self.tc.weight_decay
             )
-        self._opt_modules = family.optimizer_groups()
         self.ema = EMA(self.modules, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.step = 0
@@ -207,9 +208,10 @@ class Trainer:
     def batch_at(self, step: int) -> dict:
         """The batch of ``step``: epoch permutation seeded by (seed, epoch), then a slice."""
         epoch, i = divmod(step, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.n, generator=g)
-        idx = perm[i * self.tc.batch_size : (i + 1) * self.tc.batch_size].to(self.x.device)
+        if self._perm is None or self._perm[0] != epoch:  # one permutation per epoch, not per step
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        idx = self._perm[1][i * self.tc.batch_size : (i + 1) * self.tc.batch_size].to(self.x.device)
         batch = {"x": self.family.prepare(self.x[idx])}
         if self.y is not None:
             batch["y"] = self.y[idx]
