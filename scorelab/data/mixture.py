@@ -157,6 +157,22 @@ class GaussianMixture:
         eps_k = torch.einsum("kdj,bkj->bkd", self.evecs, s * y / var)
         return (r[..., None] * x0_k).sum(1), (r[..., None] * eps_k).sum(1), r
 
+    def class_log_posterior(self, x: Tensor, alpha, sigma) -> Tensor:
+        """``log p(y = c | x_t)`` of the noised marginal at ``x: (B, D)``: (B, C), C = max label + 1.
+
+        ``p(y = c | x_t) = sum_{k: label_k = c} w_k N_k(x_t) / sum_k w_k N_k(x_t)`` with
+        ``N_k = N(alpha m_k, alpha^2 C_k + sigma^2 I)``; differentiable in ``x`` (the exact
+        noise-aware classifier used to test classifier guidance).
+        """
+        if self.labels is None:
+            raise ValueError("this mixture has no labels")
+        alpha, sigma = _batch(alpha, x), _batch(sigma, x)
+        logn, _, _ = self._components(x, alpha, sigma)
+        joint = logn + torch.log(self.weights)[None]  # (B, K): log w_k N_k(x_t)
+        onehot = torch.nn.functional.one_hot(self.labels, int(self.labels.max()) + 1).to(_F)  # (K, C)
+        per_class = torch.logsumexp(joint[:, :, None] + torch.log(onehot)[None], dim=1)  # (B, C)
+        return per_class - torch.logsumexp(joint, dim=1, keepdim=True)
+
     def marginal_score(self, x: Tensor, alpha, sigma) -> Tensor:
         """``grad_x log p_t(x)`` at ``x: (B, D)``."""
         alpha, sigma = _batch(alpha, x), _batch(sigma, x)

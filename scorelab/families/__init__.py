@@ -7,11 +7,12 @@ A family provides ``modules()``, ``optimizer_groups()``, ``prepare(raw_batch)``,
 from __future__ import annotations
 
 from ..train.config import ConfigError
+from .classifier import ClassifierConfig, NoisyClassifierFamily
 from .diffusion import DiffusionConfig, DiffusionFamily
 
-FAMILIES = {"diffusion": DiffusionFamily}
+FAMILIES = {"diffusion": DiffusionFamily, "noisy_classifier": NoisyClassifierFamily}
 
-__all__ = ["FAMILIES", "make_family", "DiffusionFamily", "DiffusionConfig"]
+__all__ = ["FAMILIES", "make_family", "DiffusionFamily", "DiffusionConfig", "NoisyClassifierFamily", "ClassifierConfig"]
 
 
 def make_family(model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):

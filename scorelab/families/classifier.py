@@ -1,0 +1,138 @@
+"""The noise-aware classifier family: ``p_phi(y | x_t, t)`` for classifier guidance.
+
+Training draws ``t`` from a scorelab time sampler on the configured path, noises the data as
+``x_t = alpha(t) x_0 + sigma(t) eps`` and minimises the cross-entropy of
+:class:`~scorelab.nets.noisy_classifier.NoisyClassifier` logits (optionally label-smoothed).
+The trained classifier steers an unconditional diffusion model trained on the SAME path through
+:class:`scorelab.guidance.ClassifierGuidance` (``family.classifier(modules)`` gives the callable).
+
+This family draws no samples: :meth:`NoisyClassifierFamily.sample` raises; use
+:meth:`NoisyClassifierFamily.accuracy` to evaluate it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import make_time_sampler
+from ..nets.embeddings import time_options
+from ..nets.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
+from ..paths import PATHS, make_path
+from ..random import Generator, randn_like
+from ..train.config import ConfigError, from_dict
+from .diffusion import DiffusionFamily
+
+__all__ = ["ClassifierConfig", "NoisyClassifierFamily"]
+
+
+@dataclass
+class ClassifierConfig:
+    family: str = "noisy_classifier"  # registry name of this family
+    path: str = "rf"  # forward process the classifier sees: vp cosine subvp ddpm ve rf edm (match the denoiser's)
+    path_options: dict = field(default_factory=dict)  # e.g. {T: 1000} for ddpm
+    time_sampler: str = "uniform"  # training times: uniform logit_normal log_normal
+    time_sampler_options: dict = field(default_factory=dict)  # e.g. {location: 0, scale: 1}
+    net_options: dict = field(default_factory=dict)  # NoisyClassifierConfig fields (num_classes comes from the data)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ConfigError(f"model.path {self.path!r} is unknown: expected one of {', '.join(PATHS)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if "num_classes" in self.net_options:
+            raise ConfigError("model.net_options.num_classes is set by the dataset; remove it")
+        try:
+            make_path(self.path, **self.path_options)
+            make_time_sampler(self.time_sampler, **self.time_sampler_options)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+class NoisyClassifierFamily:
+    """Classifier of noised data; ``training_step`` does one cross-entropy step (modules {"net"})."""
+
+    config_cls = ClassifierConfig
+    preferred_cpu_precision = "fp32"
+    can_sample = False  # no generative sampler: the CLI's sample grids do not apply
+
+    def __init__(self, model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):
+        self.cfg: ClassifierConfig = from_dict(ClassifierConfig, model_cfg, "model")
+        if num_classes < 2:
+            raise ConfigError("model.family 'noisy_classifier' needs a labelled dataset with at least 2 classes "
+                              f"(data has num_classes={num_classes}); pick data with labels, e.g. fmnist-embedded or 8gaussians")
+        self.data_shape = tuple(data_shape)  # (C, H, W) or (D,)
+        self.num_classes = num_classes  # number of logits
+        self.path = make_path(self.cfg.path, **self.cfg.path_options)
+        self.time_sampler = make_time_sampler(self.cfg.time_sampler, **self.cfg.time_sampler_options)
+        T = int(self.cfg.path_options.get("T", 1000))
+        opts = {**time_options(self.cfg.path, T), **self.cfg.net_options, "num_classes": num_classes}
+        try:
+            self.net = NoisyClassifier(NoisyClassifierConfig.from_dict(opts), self.data_shape)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.net_options: {e}") from None
+
+    # --- the trainer's interface --------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        return {"main": ["net"]}
+
+    prepare = staticmethod(DiffusionFamily.prepare)  # uint8 images -> [-1, 1], points -> float32
+
+    def noised(self, x0: Tensor, t: Tensor, generator: Generator = None) -> Tensor:
+        """``x_t = alpha(t) x_0 + sigma(t) eps`` for ``x0: (B, ...)``, ``t: (B,)``, eps from ``generator``."""
+        c = self.path.coefficients(torch.as_tensor(t, dtype=torch.float64, device=x0.device)).to(x0)
+        return c.alpha * x0 + c.sigma * randn_like(x0, generator)
+
+    def training_step(self, modules, batch: dict, ctx) -> dict:
+        if "y" not in batch:
+            raise ConfigError("model.family 'noisy_classifier' needs labels, but the batch has none")
+        x0, y = batch["x"], batch["y"]
+        t = self.time_sampler(x0.shape[0], self.path, ctx.generator).to(x0.device)  # (B,) float64
+        x_t = self.noised(x0, t, ctx.generator)
+        with ctx.autocast():
+            logits = modules["net"](x_t, t.to(x0.dtype))  # (B, K)
+        loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        gn = ctx.optimize(loss, "main")
+        acc = (logits.detach().argmax(-1) == y).float().mean()
+        return {"loss": loss.detach(), "accuracy": acc, "grad_norm": gn}
+
+    # --- using the classifier -----------------------------------------------------------
+    def classifier(self, modules: dict[str, nn.Module] | None = None):
+        """``f(x_t, t) -> logits (B, K)`` for :class:`scorelab.guidance.ClassifierGuidance`."""
+        net = (modules or self.modules())["net"]
+
+        def f(x: Tensor, t: Tensor) -> Tensor:
+            t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+            if t.ndim == 0:
+                t = t.expand(x.shape[0])
+            dt = net.head.weight.dtype
+            return net(x.to(dt), t.to(dt))
+
+        return f
+
+    @torch.no_grad()
+    def accuracy(self, modules, x: Tensor, y: Tensor, t, generator: Generator = None, batch_size: int = 1024) -> float:
+        """Fraction of ``x_t`` (clean ``x: (N, ...)`` in model space, noised at time ``t``) classified as ``y: (N,)``.
+
+        ``t``: a scalar time in the path's units or (N,) times.
+        """
+        f = self.classifier(modules)
+        t = torch.as_tensor(t, dtype=torch.float64)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        hits = 0
+        for i in range(0, x.shape[0], batch_size):
+            xb, tb = x[i : i + batch_size], t[i : i + batch_size].to(x.device)
+            hits += int((f(self.noised(xb, tb, generator), tb).argmax(-1) == y[i : i + batch_size].to(x.device)).sum())
+        return hits / max(x.shape[0], 1)
+
+    def sample(self, *args, **kwargs):
+        raise NotImplementedError(
+            "model.family 'noisy_classifier' is a classifier and draws no samples; use accuracy(modules, x, y, t), "
+            "or guide a diffusion run with scorelab.guidance.ClassifierGuidance(denoiser, family.classifier(modules), scale)"
+        )
