@@ -107,6 +107,7 @@ def pf_ode_log_likelihood(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     method: str = "dopri5",
+    options: dict | None = None,
     cond: dict | None = None,
 ) -> tuple[Tensor, dict]:
     """Log-density ``log p_{t_start}(x)`` of the model's probability-flow ODE.
@@ -122,6 +123,11 @@ def pf_ode_log_likelihood(
         probe: ``"rademacher"`` or ``"gaussian"`` probe entries.
         generator: randomness for the probes (None, a Generator, or one per example).
         rtol, atol, method: passed to ``torchdiffeq.odeint``.
+        options: ``torchdiffeq.odeint`` solver options. On a discrete DDPM path the velocity
+            jumps at every integer (piecewise-constant ``beta``); the adaptive solver steps over
+            the kinks at some cost in accuracy (about 5e-3 nats on the 2-D tests). Passing
+            ``{"jump_t": integers}`` restarts at each kink: more accurate, but for ``T = 1000``
+            about 20x the evaluations.
         cond: keyword arguments for the denoiser (e.g. ``{"y": labels}``).
 
     Returns:
@@ -175,7 +181,7 @@ def pf_ode_log_likelihood(
 
     ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     state0 = (x, torch.zeros(B, dtype=x.dtype, device=x.device))
-    xs, deltas = odeint(rhs, state0, ts, rtol=rtol, atol=atol, method=method)
+    xs, deltas = odeint(rhs, state0, ts, rtol=rtol, atol=atol, method=method, options=options)
     x_T, delta = xs[-1], deltas[-1]
     prior = path.prior_log_prob(x_T).to(x.dtype)
     return prior + delta, {"nfe": nfe[0], "prior_log_prob": prior, "delta_log_p": delta, "x_T": x_T}
