@@ -208,7 +208,8 @@ def test_ddpm_posterior_matches_joint_gaussian_and_regression():
     ct = (m1 - m0).item()
     se_slope = (resid.var() / (n * xt.var())).sqrt()
     assert abs(slope - ct) < 4 * se_slope
-    assert abs((xs.mean() - slope * xt.mean()) - m0.item()) < 4 * (resid.var() / n).sqrt() * 3
+    se_icpt = (resid.var() * (1 / n + xt.mean() ** 2 / (n * xt.var()))).sqrt()
+    assert abs((xs.mean() - slope * xt.mean()) - m0.item()) < 4 * se_icpt
     assert abs(resid.var() / var.item() - 1) < 4 * math.sqrt(2 / n)
     with pytest.raises(ValueError, match="t must"):
         ddpm_posterior(path, x0 * torch.ones(1, 1), torch.zeros(1, 1), 100)

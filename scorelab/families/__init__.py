@@ -9,10 +9,13 @@ from __future__ import annotations
 from ..train.config import ConfigError
 from .classifier import ClassifierConfig, NoisyClassifierFamily
 from .diffusion import DiffusionConfig, DiffusionFamily
+from .score_matching import ScoreMatchingConfig, ScoreMatchingFamily
 
-FAMILIES = {"diffusion": DiffusionFamily, "noisy_classifier": NoisyClassifierFamily}
+FAMILIES = {"diffusion": DiffusionFamily, "noisy_classifier": NoisyClassifierFamily,
+            "score_matching": ScoreMatchingFamily}
 
-__all__ = ["FAMILIES", "make_family", "DiffusionFamily", "DiffusionConfig", "NoisyClassifierFamily", "ClassifierConfig"]
+__all__ = ["FAMILIES", "make_family", "DiffusionFamily", "DiffusionConfig", "NoisyClassifierFamily", "ClassifierConfig",
+           "ScoreMatchingFamily", "ScoreMatchingConfig"]
 
 
 def make_family(model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):
