@@ -188,7 +188,7 @@ def explicit_score_matching(score_fn: ScoreFn, x: Tensor, estimator: str = "exac
 
 def sliced_score_matching(score_fn: ScoreFn, x: Tensor, n_projections: int = 1, variance_reduced: bool = False,
                           generator: Generator = None, probe: str = "gaussian") -> Tensor:
-    """Sliced score matching (Song, Garg, Shi & Ermon 2020, eq. 7-8) per example: (B,).
+    """Sliced score matching (Song, Garg, Shi & Ermon 2020) per example: (B,).
 
         l(x) = mean_k [ v_k^T (grad_x s) v_k + 0.5 (v_k^T s)^2 ]         (SSM)
         l(x) = mean_k [ v_k^T (grad_x s) v_k ] + 0.5 ||s||^2              (SSM-VR)
