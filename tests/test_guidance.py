@@ -299,3 +299,43 @@ def test_noisy_classifier_conv_net_shapes_and_time_dependence():
     assert a.shape == (3, 10) and not torch.allclose(a, b)
     with pytest.raises(ValueError, match="groups"):
         NoisyClassifierConfig(num_classes=10, channels=(8, 12), groups=8)
+
+
+def test_noisy_classifier_runs_in_the_trainer_and_reopens(tmp_path):
+    import yaml
+
+    from scorelab.cli import open_run
+    from scorelab.data import load_dataset
+    from scorelab.families import make_family
+    from scorelab.train.config import RunConfig
+    from scorelab.train.trainer import Trainer
+
+    cfg = RunConfig.from_dict({
+        "name": "clf", "data": {"name": "8gaussians", "options": {"n": 2000}},
+        "model": {"family": "noisy_classifier", "path": "vp", "net_options": {"width": 32, "depth": 1}, "label_smoothing": 0.1},
+        "train": {"steps": 20, "batch_size": 100, "log_every": 10, "ckpt_every": 0, "sample_every": 0, "device": "cpu", "threads": 1},
+    })
+    ds = load_dataset(cfg.data.name, **cfg.data.options)
+    fam = make_family(cfg.model, tuple(ds.shape), ds.num_classes)
+    tr = Trainer(cfg, tmp_path, fam, ds, progress=False, extra_meta={"data_shape": list(ds.shape), "num_classes": ds.num_classes})
+    assert tr.fit()["status"] == "done"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "accuracy" in lines[-1]
+    _, fam2, mods, _ = open_run(str(tmp_path))
+    assert fam2.num_classes == 8 and isinstance(fam2.path, type(fam.path))
+    ema = tr.sampling_modules()["net"].state_dict()
+    for k, v in mods["net"].state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_fmnist_classifier_preset_builds():
+    from pathlib import Path
+
+    import scorelab
+    from scorelab.families import make_family
+    from scorelab.train.config import RunConfig, load_yaml
+
+    cfg = RunConfig.from_dict(load_yaml(Path(scorelab.__file__).parent / "configs" / "fmnist-classifier.yaml"))
+    fam = make_family(cfg.model, (1, 28, 28), 10)
+    assert fam.cfg.path == "rf" and fam.modules()["net"](torch.zeros(2, 1, 28, 28), torch.full((2,), 0.5)).shape == (2, 10)

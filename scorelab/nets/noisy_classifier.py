@@ -14,7 +14,7 @@ Flat data ``x: (B, D)`` -> an MLP::
 
 Images ``x: (B, C, H, W)`` -> a small conv net::
 
-    h = conv3x3(C -> c_0)(x)
+    h = conv_pxp,stride p(C -> c_0)(x)                        # patch stem: (B, c_0, H/p, W/p)
     per level l:  ResBlock(c_{l-1} -> c_l, t)  then 2x average pooling (not after the last level)
         ResBlock: GN SiLU conv3x3, GN * (1 + s) + b from emb(t), SiLU conv3x3, plus a 1x1 skip
     logits = Linear(mean over H, W of SiLU(GN(h)))            # (B, K)
@@ -43,6 +43,7 @@ class NoisyClassifierConfig(NetConfigBase):
     depth: int = 3  # MLP: number of residual blocks
     channels: tuple = (32, 64, 64)  # conv (images): width of each resolution level
     groups: int = 8  # conv: GroupNorm groups (must divide every width)
+    patch_size: int = 2  # conv: the stem is a patch_size x patch_size conv with that stride (1: a 3x3 conv at full resolution)
     emb_dim: int = 128  # width of the time embedding
     freq_dim: int = 64  # sinusoidal / Fourier time features before the embedding MLP
     dropout: float = 0.0  # dropout before the logit layer
@@ -50,7 +51,7 @@ class NoisyClassifierConfig(NetConfigBase):
     def __post_init__(self):
         super().__post_init__()
         _check(self, "num_classes", self.num_classes >= 2, "must be >= 2 (a classifier needs classes)")
-        for name in ("width", "depth", "groups", "emb_dim", "freq_dim"):
+        for name in ("width", "depth", "groups", "patch_size", "emb_dim", "freq_dim"):
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "must be a positive integer")
         self.channels = tuple(self.channels)
         _check(self, "channels", len(self.channels) >= 1 and all(isinstance(c, int) and c >= 1 for c in self.channels),
@@ -112,7 +113,8 @@ class NoisyClassifier(nn.Module):
         elif len(self.data_shape) == 3:
             self.kind = "conv"
             ch = cfg.channels
-            self.inp = nn.Conv2d(self.data_shape[0], ch[0], 3, padding=1)
+            p = cfg.patch_size
+            self.inp = nn.Conv2d(self.data_shape[0], ch[0], 3, padding=1) if p == 1 else nn.Conv2d(self.data_shape[0], ch[0], p, stride=p)
             self.blocks = nn.ModuleList(
                 _ResBlock(ch[max(i - 1, 0)], ch[i], cfg.emb_dim, cfg.groups) for i in range(len(ch))
             )
