@@ -10,12 +10,13 @@ from ..train.config import ConfigError
 from .classifier import ClassifierConfig, NoisyClassifierFamily
 from .diffusion import DiffusionConfig, DiffusionFamily
 from .score_matching import ScoreMatchingConfig, ScoreMatchingFamily
+from .vdm import VDMConfig, VDMFamily
 
 FAMILIES = {"diffusion": DiffusionFamily, "noisy_classifier": NoisyClassifierFamily,
-            "score_matching": ScoreMatchingFamily}
+            "score_matching": ScoreMatchingFamily, "vdm": VDMFamily}
 
 __all__ = ["FAMILIES", "make_family", "DiffusionFamily", "DiffusionConfig", "NoisyClassifierFamily", "ClassifierConfig",
-           "ScoreMatchingFamily", "ScoreMatchingConfig"]
+           "ScoreMatchingFamily", "ScoreMatchingConfig", "VDMFamily", "VDMConfig"]
 
 
 def make_family(model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):
