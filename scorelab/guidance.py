@@ -47,6 +47,7 @@ The classifier must be trained on the same path (same time units) as the denoise
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -110,7 +111,7 @@ class ClassifierFreeGuidance:
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         scale = float(scale)
-        if not torch.isfinite(torch.tensor(scale)):
+        if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
         self.denoiser = denoiser  # the conditional model (also answers the null label)
         self.form = form  # how scale is read: "w" or "gamma"
