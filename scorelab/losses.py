@@ -33,6 +33,7 @@ __all__ = [
     "Uniform",
     "LogitNormal",
     "LogNormal",
+    "Levels",
     "make_time_sampler",
     "diffusion_loss",
     "per_example_mse",
@@ -150,9 +151,30 @@ class LogNormal(TimeSampler):
         return t.round() if path.discrete else t
 
 
+@dataclass
+class Levels(TimeSampler):
+    """One of ``n`` equally spaced times on ``[t_min, t_max]``, uniformly (NCSN's noise levels).
+
+    On the VE path these times are exactly the geometric sequence ``VE.sigmas(n)`` (seed 000 §3.5:
+    ``sigma_1 > ... > sigma_L``, ``sigma_i / sigma_{i+1}`` constant), which the uniform grid of
+    ``n`` steps also visits, so annealed Langevin samples at the levels the network was trained on.
+    """
+
+    n: int = 10  # number of noise levels L
+
+    def __post_init__(self):
+        if int(self.n) < 2:
+            raise ValueError(f"levels: n must be >= 2, got {self.n}")
+
+    def __call__(self, n, path, generator=None):
+        k = (rand((n,), generator=generator, dtype=torch.float64) * self.n).floor().clamp(max=self.n - 1)
+        u = k / (self.n - 1)
+        return self._to_path(u, path)
+
+
 def make_time_sampler(name: str, **opts) -> TimeSampler:
-    """``uniform``, ``logit_normal`` (location, scale) or ``log_normal`` (p_mean, p_std)."""
-    table = {"uniform": Uniform, "logit_normal": LogitNormal, "log_normal": LogNormal}
+    """``uniform``, ``logit_normal`` (location, scale), ``log_normal`` (p_mean, p_std) or ``levels`` (n)."""
+    table = {"uniform": Uniform, "logit_normal": LogitNormal, "log_normal": LogNormal, "levels": Levels}
     if name not in table:
         raise ValueError(f"unknown time sampler {name!r}: expected one of {', '.join(table)}")
     try:

@@ -31,7 +31,7 @@ class DiffusionConfig:
     target: str = ""  # what the loss regresses ("" = the prediction itself)
     weighting: str = "constant"  # lambda(t): constant sigma2 snr min_snr edm
     weighting_options: dict = field(default_factory=dict)  # e.g. {gamma: 5} for min_snr
-    time_sampler: str = "uniform"  # uniform logit_normal log_normal
+    time_sampler: str = "uniform"  # uniform logit_normal log_normal levels
     time_sampler_options: dict = field(default_factory=dict)  # e.g. {location: 0, scale: 1}
     net: str = "unet"  # network registry name: unet mlp
     net_options: dict = field(default_factory=dict)  # the net's config fields
@@ -39,6 +39,7 @@ class DiffusionConfig:
     sampling_steps: int = 20  # default number of sampler steps
     grid: str = "uniform"  # default time grid: uniform karras logsnr shift
     grid_options: dict = field(default_factory=dict)  # e.g. {shift: 3} or {rho: 7}
+    sampler_options: dict = field(default_factory=dict)  # e.g. {n_steps_each: 100} for annealed_langevin
     label_dropout: float = 0.0  # probability of replacing a label by the null label in training
 
     def __post_init__(self):
@@ -60,6 +61,8 @@ class DiffusionConfig:
             raise ConfigError(f"model.sampler {self.sampler!r} is unknown: expected one of {', '.join(SAMPLERS)}")
         if self.grid not in GRIDS:
             raise ConfigError(f"model.grid {self.grid!r} is unknown: expected one of {', '.join(GRIDS)}")
+        if not isinstance(self.sampler_options, dict):
+            raise ConfigError(f"model.sampler_options must be a mapping, got {self.sampler_options!r}")
         if self.sampling_steps < 1:
             raise ConfigError(f"model.sampling_steps must be >= 1, got {self.sampling_steps}")
         if not 0 <= self.label_dropout < 1:
@@ -129,32 +132,45 @@ class DiffusionFamily:
     @torch.no_grad()
     def sample(self, modules, n: int, generator=None, sampler: str | None = None, steps: int | None = None,
                grid: str | None = None, grid_options: dict | None = None, y: Tensor | None = None,
-               device=None, batch_size: int = 256, **sampler_opts) -> Tensor:
+               device=None, batch_size: int = 256, noise: Tensor | None = None, guidance=None,
+               **sampler_opts) -> Tensor:
         """``n`` samples in model space: (n, *data_shape), float32 on CPU (images clipped to [-1, 1]).
 
         ``generator``: a seed, a torch.Generator, or a list of per-example generators.
         ``y``: (n,) labels for a class-conditional model (``num_classes`` = unconditional).
+        ``noise``: (n, *data_shape) start points at ``t_max`` instead of prior draws (interpolation).
+        ``guidance``: a function ``Denoiser -> DenoiserLike`` wrapping the model (e.g.
+        classifier-free or classifier guidance from :mod:`scorelab.guidance`).
+        ``sampler_opts`` override the config's ``sampler_options``.
         """
         from ..random import generators_for_seeds
         from ..samplers import sample as run_sampler
 
         net = modules["net"]
         dev = device or next(net.parameters()).device
-        den = Denoiser(net, self.path, self.cfg.prediction)
+        den = self.denoiser(modules)
+        if guidance is not None:
+            den = guidance(den)
+        if noise is not None and tuple(noise.shape) != (n, *self.data_shape):
+            raise ValueError(f"noise must have shape {(n, *self.data_shape)}, got {tuple(noise.shape)}")
         if isinstance(generator, int):
             generator = generators_for_seeds(range(generator, generator + n), device="cpu")
+        opts = {**self.cfg.sampler_options, **sampler_opts}
         outs = []
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
             gen = generator[i:j] if isinstance(generator, (list, tuple)) else generator
-            x = self.path.prior_sample((j - i, *self.data_shape), generator=gen, dtype=torch.float32).to(dev)
+            if noise is not None:
+                x = noise[i:j].to(dev, torch.float32)
+            else:
+                x = self.path.prior_sample((j - i, *self.data_shape), generator=gen, dtype=torch.float32).to(dev)
             cond = {}
             if self.num_classes:
                 yy = y[i:j] if y is not None else torch.full((j - i,), self.num_classes, dtype=torch.long)
                 cond["y"] = yy.to(dev)
             out = run_sampler(den, x, steps or self.cfg.sampling_steps, sampler=sampler or self.cfg.sampler,
                               grid=grid or self.cfg.grid, grid_opts=self.cfg.grid_options if grid_options is None else grid_options,
-                              generator=gen, cond=cond, **sampler_opts)
+                              generator=gen, cond=cond, **opts)
             outs.append(out.float().cpu())
         x = torch.cat(outs)
         # images live in [-1, 1]: clip as any image output would (points are left as they are)
