@@ -3,6 +3,7 @@
     scorelab train [CONFIG.yaml | PRESET] [--key value ...] [--runs DIR] [--resume]
     scorelab sample RUN [--sampler S] [--steps N] [--n N] [--seed S] [--out FILE] [--class K ...]
     scorelab eval RUN [--n N] [--sampler S] [--steps N] [--seed S]
+    scorelab interpolate RUN [--seeds A B] [--n N] [--mode linear|spherical|both] [--class K]
 
 Bad input (a missing or malformed config key, an unknown sampler or path, a missing run folder,
 a corrupt checkpoint, images of the wrong shape) ends with one line on stderr and exit code 2;
@@ -291,6 +292,42 @@ def cmd_eval(args, rest) -> int:
     return 0
 
 
+def cmd_interpolate(args, rest) -> int:
+    """Decode a path between two seeds' start noises with a deterministic sampler; one strip per mode."""
+    import torch
+
+    from .interpolation import DETERMINISTIC_SAMPLERS, MODES, interpolate_noise
+    from .random import generators_for_seeds
+    from .viz import save_samples
+
+    if rest:
+        raise UsageError(f"unexpected argument {rest[0]!r}")
+    if args.n < 2:
+        raise UsageError(f"--n must be >= 2, got {args.n}")
+    modes = MODES if args.mode == "both" else (args.mode,)
+    cfg, family, mods, meta = open_run(args.run)
+    sampler = args.sampler or family.cfg.sampler
+    if sampler not in DETERMINISTIC_SAMPLERS:
+        raise UsageError(f"sampler {sampler!r} is stochastic: interpolation needs a deterministic one "
+                         f"({', '.join(DETERMINISTIC_SAMPLERS)}); pass --sampler")
+    classes = _parse_classes([args.cls] if args.cls is not None else None, family)
+    shape = tuple(family.data_shape)
+    if len(shape) != 3:
+        raise UsageError("interpolation strips are drawn for image runs only")
+    g0, g1 = generators_for_seeds(args.seeds, device="cpu")
+    z0 = family.path.prior_sample(shape, generator=g0, dtype=torch.float32)
+    z1 = family.path.prior_sample(shape, generator=g1, dtype=torch.float32)
+    noise = torch.cat([interpolate_noise(z0, z1, args.n, m) for m in modes])
+    y = classes.expand(len(noise)) if classes is not None else None
+    opts = {"eta": 0.0} if sampler == "ddim" else {}
+    x = family.sample(mods, len(noise), generator=None, sampler=sampler, steps=args.steps, grid=args.grid,
+                      y=y, noise=noise, **opts)
+    out = Path(args.out or Path(args.run) / f"interpolation_{args.seeds[0]}_{args.seeds[1]}.png")
+    save_samples(x, out, nrow=args.n, title=" / ".join(f"row {i + 1}: {m}" for i, m in enumerate(modes)))
+    print(json.dumps({"out": str(out), "modes": list(modes), "n": args.n, "sampler": sampler, "seeds": args.seeds}))
+    return 0
+
+
 def _has_split(cfg) -> bool:
     return cfg.data.name not in ("folder", "npz")
 
@@ -323,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
     e.add_argument("--grid", help="time grid")
     e.add_argument("--seed", type=int, default=0, help="first seed")
+    i = sub.add_parser("interpolate", help="image strip between two start noises (linear / spherical)",
+                       description="Map a linear and/or spherical path between two seeds' start noises through a "
+                                   "deterministic sampler and write the images as a strip (one row per mode).")
+    i.add_argument("run", help="run folder")
+    i.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("A", "B"), help="seeds of the two end noises")
+    i.add_argument("--n", type=int, default=9, help="images per strip, ends included (default 9)")
+    i.add_argument("--mode", choices=["linear", "spherical", "both"], default="both", help="path between the noises")
+    i.add_argument("--sampler", help="deterministic sampler (default: the run's): ddim euler heun dpmpp_2m dpmpp_3m")
+    i.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    i.add_argument("--grid", help="time grid")
+    i.add_argument("--class", dest="cls", type=int, help="class label for a conditional run")
+    i.add_argument("--out", help="output .png")
     return p
 
 
@@ -336,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     argv, rest = split_overrides(argv)
     args, unknown = parser.parse_known_args(argv)
     rest = unknown + rest
-    cmd = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command]
+    cmd = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "interpolate": cmd_interpolate}[args.command]
     try:
         return cmd(args, rest)
     except (UsageError, ConfigError, CheckpointError, DataError) as e:
