@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from .dit import DiT, DiTConfig
 from .embeddings import time_options
 from .mlp import MLP, MLPConfig
 from .unet import UNet, UNetConfig
 
 __all__ = ["NETS", "build_net"]
 
-NETS = {"mlp": (MLP, MLPConfig), "unet": (UNet, UNetConfig)}
+NETS = {"mlp": (MLP, MLPConfig), "unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig)}
 
 
 def build_net(name: str, options: dict, data_shape: tuple, num_classes: int = 0, path: str | None = None) -> nn.Module:
@@ -27,7 +28,9 @@ def build_net(name: str, options: dict, data_shape: tuple, num_classes: int = 0,
         opts["dim"] = data_shape[0]
     else:
         if len(data_shape) != 3:
-            raise ValueError(f"net 'unet' needs images (C, H, W), got shape {tuple(data_shape)}")
+            raise ValueError(f"net {name!r} needs images (C, H, W), got shape {tuple(data_shape)}")
         opts["in_channels"] = data_shape[0]
+        if name == "dit" and data_shape[1] == data_shape[2]:
+            opts.setdefault("image_size", data_shape[1])  # square images: fixes the token grid
     opts["num_classes"] = num_classes
     return cls(cfg_cls.from_dict(opts))
