@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from scorelab.data.mixture import GaussianMixture, random_mixture
-from scorelab.paths import VPLinear
+from scorelab.paths import VE, RectifiedFlow, VPLinear
 from scorelab.random import generators_for_seeds
 from scorelab.targets import Denoiser
 from scorelab.vdm import LearnedLogSNR, LearnedVPPath, continuous_elbo_terms, discretized_gaussian_log_prob
@@ -136,8 +136,8 @@ def test_learned_path_works_with_every_sampler():
 # --------------------------------------------------------------------------------------
 # The continuous-time ELBO
 # --------------------------------------------------------------------------------------
-def _analytic_diffusion(path, s: float, D: int) -> float:
-    lam = path.log_snr(torch.tensor([path.t_min, path.t_max], dtype=F64)).detach()
+def _analytic_diffusion(path, s: float, D: int, t_min: float, t_max: float) -> float:
+    lam = path.log_snr(torch.tensor([t_min, t_max], dtype=F64)).detach()
     snr_max, snr_min = lam.exp().tolist()
     return 0.5 * D * math.log((1 + s**2 * snr_max) / (1 + s**2 * snr_min))
 
@@ -146,14 +146,18 @@ def test_diffusion_loss_depends_only_on_the_end_points_and_is_analytic():
     s, D, n = 0.7, 2, 20000
     data = GaussianMixture([1.0], [[0.0, 0.0]], [s])
     x = data.sample(n, _gen(0))
-    paths = [LearnedVPPath(_schedule(-8.0, 4.0, seed=11)), LearnedVPPath(_schedule(-8.0, 4.0, seed=12, scale=2.0)), VPLinear()]
+    # (path, t_min, t_max): two learned shapes with equal end points, then fixed paths of every kind
+    paths = [(LearnedVPPath(_schedule(-8.0, 4.0, seed=11)), 0.0, 1.0),
+             (LearnedVPPath(_schedule(-8.0, 4.0, seed=12, scale=2.0)), 0.0, 1.0),
+             (VPLinear(), 1e-3, 1.0), (RectifiedFlow(), 0.01, 0.99), (VE(), 0.0, 1.0)]
     means, ses = [], []
     with torch.no_grad():
-        for i, path in enumerate(paths):
-            d = continuous_elbo_terms(data.denoiser(path), x, _gen(10 + i))["diffusion"]
+        for i, (path, lo, hi) in enumerate(paths):
+            d = continuous_elbo_terms(data.denoiser(path), x, _gen(10 + i), t_min=lo, t_max=hi)["diffusion"]
             m, se = float(d.mean()), float(d.std()) / math.sqrt(n)
-            ref = _analytic_diffusion(path, s, D)
+            ref = _analytic_diffusion(path, s, D, lo, hi)
             assert abs(m - ref) < 4 * se, (path, m, ref, se)
+            assert se < 0.05 * ref  # the check has teeth
             means.append(m)
             ses.append(se)
     # the two learned shapes have equal end points, hence equal expected loss
