@@ -30,6 +30,12 @@ pass ``net(x, t, context=(B, L, context_dim), context_mask=(B, L) bool)`` instea
 
 ``bf16=True`` runs the body under bfloat16 autocast like :class:`~scorelab.nets.unet.UNet`; the
 time frequencies and the returned output stay in x's dtype.
+
+Speed on CPU (training steps, 28x28x1, batch 128, bf16, AdamW; measured on the shared 2-core
+machine under load ~5.5, so only the ratios mean much): UNet default 1.19M params 27 img/s;
+DiT patch 4 / hidden 128 / depth 4 (1.26M, the ``fmnist-dit`` preset) 34 img/s, with
+``conditioning="cross"`` (1.92M) 31 img/s; patch 4 / hidden 192 / depth 6 (4.16M) 19 img/s;
+patch 2 / hidden 128 / depth 4 (196 tokens) 19 img/s. bf16 was ~3x float32 for the preset size.
 """
 
 from __future__ import annotations
