@@ -2,7 +2,7 @@
 
     scorelab train [CONFIG.yaml | PRESET] [--key value ...] [--runs DIR] [--resume]
     scorelab sample RUN [--sampler S] [--steps N] [--n N] [--seed S] [--out FILE] [--class K ...]
-    scorelab eval RUN [--n N] [--sampler S] [--steps N] [--seed S]
+    scorelab eval RUN [--n N] [--sampler S] [--steps N] [--seed S] [--nll [--nll-method elbo|pf_ode|both]]
     scorelab interpolate RUN [--seeds A B] [--n N] [--mode linear|spherical|both] [--class K]
 
 Bad input (a missing or malformed config key, an unknown sampler or path, a missing run folder,
@@ -190,6 +190,9 @@ def cmd_train(args, rest) -> int:
         reference = family.prepare(dataset_tensors_head(dataset, 2000))
 
     def on_sample(tr: Trainer):
+        if not getattr(family, "can_sample", True):  # a classifier: the loss curve is the picture
+            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            return
         mods = tr.sampling_modules()
         n = 64 if len(family.data_shape) == 3 else 2000
         y = None
@@ -220,17 +223,69 @@ def dataset_tensors_head(dataset, n):
     return x[:n]
 
 
-def _parse_classes(values, family) -> "object":
+def _parse_classes(values, family, num_classes: int = 0) -> "object":
+    """(k,) labels from --class, checked against the run's classes (or ``num_classes`` of a guiding classifier)."""
     import torch
 
     if not values:
         return None
-    if not family.num_classes:
+    num_classes = family.num_classes or num_classes
+    if not num_classes:
         raise UsageError("--class needs a class-conditional run (data.class_conditional: true)")
     for v in values:
-        if not 0 <= v < family.num_classes:
-            raise UsageError(f"--class {v} is out of range 0..{family.num_classes - 1}")
+        if not 0 <= v < num_classes:
+            raise UsageError(f"--class {v} is out of range 0..{num_classes - 1}")
     return torch.tensor(values, dtype=torch.long)
+
+
+def _require_sampling(family, run) -> None:
+    if not getattr(family, "can_sample", True):
+        raise UsageError(f"{run} is a {family.cfg.family} run: it classifies and draws no samples "
+                         f"(use it with scorelab sample DIFFUSION_RUN --classifier {run})")
+
+
+def _classifier_classes(run) -> int:
+    from .train.checkpoint import load_checkpoint
+    from .train.trainer import CKPT
+
+    if not (Path(run) / CKPT).is_file():
+        raise UsageError(f"--classifier {run}: no checkpoint there (is it a run folder?)")
+    return int(load_checkpoint(Path(run) / CKPT)[1].get("num_classes", 0))
+
+
+def _guidance(args, family, classes):
+    """A ``Denoiser -> guided denoiser`` function from --cfg / --classifier, or None."""
+    from .guidance import ClassifierFreeGuidance, ClassifierGuidance
+
+    cfg_w, clf_run = getattr(args, "cfg", None), getattr(args, "classifier", None)
+    if cfg_w is None and clf_run is None:
+        return None
+    if classes is None:
+        raise UsageError("guidance needs the class(es) to steer toward: add --class K")
+    if cfg_w is not None and not getattr(family, "num_classes", 0):
+        raise UsageError("--cfg needs a class-conditional run trained with label dropout (model.label_dropout > 0)")
+    wraps = []
+    if cfg_w is not None:
+        wraps.append(lambda den: ClassifierFreeGuidance(den, cfg_w, form="w"))
+    if clf_run is not None:
+        _, clf_family, clf_mods, _ = open_run(clf_run)
+        if not hasattr(clf_family, "classifier"):
+            raise UsageError(f"--classifier {clf_run} is not a noisy_classifier run")
+        if repr(clf_family.path) != repr(family.path):
+            raise UsageError(f"--classifier {clf_run} was trained on path {clf_family.path!r}, the model on "
+                             f"{family.path!r}: the classifier must see the same x_t at the same t")
+        if int(classes.max()) >= clf_family.num_classes:
+            raise UsageError(f"--classifier {clf_run} has {clf_family.num_classes} classes; --class {int(classes.max())} is out of its range")
+        clf = clf_family.classifier(clf_mods)
+        cond_model = bool(getattr(family, "num_classes", 0))
+        wraps.append(lambda den: ClassifierGuidance(den, clf, args.classifier_scale, pass_label=cond_model))
+
+    def wrap(den):
+        for w in wraps:
+            den = w(den)
+        return den
+
+    return wrap
 
 
 def cmd_sample(args, rest) -> int:
@@ -244,12 +299,16 @@ def cmd_sample(args, rest) -> int:
     if args.sampler and args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}: expected one of {', '.join(SAMPLERS)}")
     cfg, family, mods, meta = open_run(args.run)
-    classes = _parse_classes(args.classes, family)
+    _require_sampling(family, args.run)
+    clf_classes = _classifier_classes(args.classifier) if args.classifier else 0
+    classes = _parse_classes(args.classes, family, clf_classes)
     y = None
     if classes is not None:
         y = classes.repeat_interleave((args.n + len(classes) - 1) // len(classes))[: args.n]
+    guidance = _guidance(args, family, classes)
     t0 = time.perf_counter()
-    x = family.sample(mods, args.n, generator=args.seed, sampler=args.sampler, steps=args.steps, grid=args.grid, y=y)
+    x = family.sample(mods, args.n, generator=args.seed, sampler=args.sampler, steps=args.steps, grid=args.grid, y=y,
+                      **({"guidance": guidance} if guidance is not None else {}))
     dt = time.perf_counter() - t0
     out = Path(args.out or Path(args.run) / f"sample_{args.sampler or family.cfg.sampler}_{args.steps or family.cfg.sampling_steps}.png")
     if out.suffix == ".npz":
@@ -277,6 +336,10 @@ def cmd_eval(args, rest) -> int:
     test = load_data(cfg, split="test") if _has_split(cfg) else load_data(cfg)
     if tuple(test.shape) != tuple(family.data_shape):
         raise UsageError(f"test data of shape {tuple(test.shape)} does not match the run's {tuple(family.data_shape)}")
+    if args.nll:
+        return _eval_nll(args, family, mods, meta, test)
+    if not getattr(family, "can_sample", True):
+        return _eval_classifier(args, family, mods, meta, test)
     t0 = time.perf_counter()
     x = family.sample(mods, args.n, generator=args.seed, sampler=args.sampler, steps=args.steps, grid=args.grid)
     dt = time.perf_counter() - t0
@@ -328,6 +391,63 @@ def cmd_interpolate(args, rest) -> int:
     return 0
 
 
+def _write_eval(run, result: dict, name: str = "eval.json") -> None:
+    from .train.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(run) / name, json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+def _eval_nll(args, family, mods, meta, test) -> int:
+    """Negative log-likelihood of the first ``--nll-n`` test examples by ELBO and/or PF-ODE."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .train.trainer import dataset_tensors
+
+    if not hasattr(family, "nll"):
+        raise UsageError(f"model.family {family.cfg.family!r} has no likelihood (--nll works for diffusion and vdm runs)")
+    methods = family.NLL_METHODS if args.nll_method == "both" else (args.nll_method,)
+    x, y = dataset_tensors(test)
+    n = min(args.nll_n, len(x)) if args.nll_n > 0 else len(x)
+    x = x[:n]
+    y = y[:n] if (y is not None and family.num_classes) else None
+    result = {"run": str(args.run), "step": meta.get("step"), "n": n, "split": "test"}
+    bs = args.nll_batch
+    for m in methods:
+        t0 = time.perf_counter()
+        parts = []
+        for i in tqdm(range(0, n, bs), desc=f"nll {m}", unit="batch", leave=False, disable=not sys.stderr.isatty()):
+            parts.append(family.nll(mods, x[i : i + bs], method=m, generator=args.seed + i, n_t=args.nll_t,
+                                    y=y[i : i + bs] if y is not None else None))
+        dt = time.perf_counter() - t0
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "units"}
+        tot = out.pop("total")
+        entry = {"units": parts[0]["units"], "mean": round(float(tot.mean()), 5),
+                 "stderr": round(float(tot.std() / max(n, 2) ** 0.5), 5) if n > 1 else None, "seconds": round(dt, 2)}
+        entry.update({k: round(float(v.mean()), 5) for k, v in out.items()})
+        result[m] = entry
+    _write_eval(args.run, result, "eval_nll.json")
+    return 0
+
+
+def _eval_classifier(args, family, mods, meta, test) -> int:
+    """A noise-aware classifier's test accuracy at five times from t_min to t_max."""
+    import torch
+
+    from .train.trainer import dataset_tensors
+
+    x, y = dataset_tensors(test)
+    n = min(args.n, len(x))
+    xs, ys = family.prepare(x[:n]), y[:n]
+    p = family.path
+    times = [p.t_min + f * (p.t_max - p.t_min) for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    acc = {f"t={t:.4g}": round(family.accuracy(mods, xs, ys, t, generator=torch.Generator().manual_seed(args.seed)), 4)
+           for t in times}
+    _write_eval(args.run, {"run": str(args.run), "step": meta.get("step"), "n": n, "accuracy": acc})
+    return 0
+
+
 def _has_split(cfg) -> bool:
     return cfg.data.name not in ("folder", "npz")
 
@@ -351,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
     s.add_argument("--out", help="output .png (grid) or .npz (arrays)")
     s.add_argument("--class", dest="classes", type=int, nargs="+", help="class label(s) for a conditional run; one row per class")
+    s.add_argument("--cfg", type=float, metavar="W", help="classifier-free guidance weight w: (1 + w) v_y - w v_null "
+                   "(= gamma score_y + (1 - gamma) score_null with gamma = 1 + w); needs --class")
+    s.add_argument("--classifier", metavar="RUN", help="classifier guidance with a noisy_classifier run on the same path; needs --class")
+    s.add_argument("--classifier-scale", type=float, default=1.0, metavar="G", help="classifier guidance scale gamma (default 1)")
     e = sub.add_parser("eval", help="measure a run: FID, KID, precision/recall (domain features)",
                        description="Sample N images and compare them with the test split in the domain classifier's feature space.")
     e.add_argument("run", help="run folder")
@@ -360,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
     e.add_argument("--grid", help="time grid")
     e.add_argument("--seed", type=int, default=0, help="first seed")
+    e.add_argument("--nll", action="store_true", help="instead: negative log-likelihood of test examples "
+                   "(bits/dim for images, nats for points) by ELBO and probability-flow ODE, with the time each took")
+    e.add_argument("--nll-method", choices=["elbo", "pf_ode", "both"], default="both", help="likelihood estimate(s) (default both)")
+    e.add_argument("--nll-n", type=int, default=256, help="test examples for --nll (default 256; 0: all)")
+    e.add_argument("--nll-t", type=int, default=16, help="times per example of the ELBO's diffusion term (default 16)")
+    e.add_argument("--nll-batch", type=int, default=64, help="batch size for --nll (default 64)")
     i = sub.add_parser("interpolate", help="image strip between two start noises (linear / spherical)",
                        description="Map a linear and/or spherical path between two seeds' start noises through a "
                                    "deterministic sampler and write the images as a strip (one row per mode).")

@@ -160,7 +160,9 @@ class ClassifierGuidance:
     """Classifier guidance: ``score + gamma grad_x log p(y | x_t, t)`` as a Prediction.
 
     Args:
-        denoiser: a DenoiserLike for the *unconditional* model; it gets ``**cond`` but not ``y``.
+        denoiser: a DenoiserLike for the *unconditional* model; it gets ``**cond`` but not ``y``
+            unless ``pass_label`` (a conditional model, as Dhariwal & Nichol 2021 also guide, or a
+            :class:`ClassifierFreeGuidance` wrapper: the two guidances then add up).
         classifier: ``classifier(x_t, t) -> logits (B, num_classes)``, noise-aware, on the
             denoiser's path (``t`` in the path's units, shape (B,)); an nn.Module runs in its own
             dtype and its gradient is cast back to that of ``x``.
@@ -173,10 +175,12 @@ class ClassifierGuidance:
     ``x_t`` then carries no information about ``y`` and the exact gradient is zero.
     """
 
-    def __init__(self, denoiser: DenoiserLike, classifier: Callable[[Tensor, Tensor], Tensor], scale: float = 1.0):
-        self.denoiser = denoiser  # the unconditional model
+    def __init__(self, denoiser: DenoiserLike, classifier: Callable[[Tensor, Tensor], Tensor], scale: float = 1.0,
+                 pass_label: bool = False):
+        self.denoiser = denoiser  # the unconditional model (or a conditional one with pass_label)
         self.classifier = classifier  # (x_t, t) -> logits (B, K)
         self.scale = float(scale)  # gamma
+        self.pass_label = pass_label  # also give y to the denoiser (a conditional or CFG-guided model)
         self.path: Path = denoiser.path
 
     def log_prob_grad(self, x: Tensor, t, y) -> Tensor:
@@ -198,7 +202,7 @@ class ClassifierGuidance:
         """Guided ``(x0, eps)`` at ``x: (B, ...)``: ``eps - sigma gamma g``, ``x0 + sigma^2/alpha gamma g``."""
         t = as_time_batch(t, x)
         y = _labels(y, x.shape[0], x.device)
-        pred = self.denoiser.predict(x, t, **cond)
+        pred = self.denoiser.predict(x, t, **({"y": y} if self.pass_label else {}), **cond)
         if self.scale == 0.0:
             return pred
         g = self.scale * self.log_prob_grad(x, t, y)  # gamma grad log p(y | x_t): (B, ...)

@@ -7,6 +7,7 @@ presets in ``configs/``). Sampling goes through ``scorelab.samplers`` with any s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -168,6 +169,8 @@ class DiffusionFamily:
             if self.num_classes:
                 yy = y[i:j] if y is not None else torch.full((j - i,), self.num_classes, dtype=torch.long)
                 cond["y"] = yy.to(dev)
+            elif guidance is not None and y is not None:  # an unconditional model steered by a classifier
+                cond["y"] = y[i:j].to(dev)
             out = run_sampler(den, x, steps or self.cfg.sampling_steps, sampler=sampler or self.cfg.sampler,
                               grid=grid or self.cfg.grid, grid_opts=self.cfg.grid_options if grid_options is None else grid_options,
                               generator=gen, cond=cond, **opts)
@@ -175,3 +178,79 @@ class DiffusionFamily:
         x = torch.cat(outs)
         # images live in [-1, 1]: clip as any image output would (points are left as they are)
         return x.clamp(-1, 1) if len(self.data_shape) == 3 else x
+
+    # --- likelihood ---------------------------------------------------------------------
+    NLL_METHODS = ("elbo", "pf_ode")
+
+    def nll(self, modules, x: Tensor, method: str = "elbo", generator=None, y: Tensor | None = None,
+            batch_size: int = 128, n_t: int = 16, **opts) -> dict:
+        """Per-example negative log-likelihood bound / estimate of raw data ``x``.
+
+        ``x``: uint8 images (B, C, H, W) -> **bits/dim**, or points (B, D) -> **nats** per example.
+        ``method``:
+
+        * ``elbo``: the discrete DDPM ELBO (:func:`scorelab.likelihood.ddpm_elbo_terms`, ``n_t``
+          sampled steps) on the ``ddpm`` path, the continuous-time ELBO
+          (:func:`scorelab.vdm.continuous_elbo_terms`, ``n_t`` times) on every other path;
+        * ``pf_ode``: the probability-flow ODE (:mod:`scorelab.likelihood`; Hutchinson trace with
+          uniform dequantization for images, exact trace for points).
+
+        ``generator``: a seed (example ``i`` uses seed + i, so results do not depend on the
+        batch size), a generator or a list. Returns ``{"total": (B,), <terms>: (B,), "units": str}``.
+        """
+        from ..likelihood import ddpm_elbo_terms, pf_ode_bits_per_dim, pf_ode_log_likelihood
+        from ..paths import DDPMDiscrete
+        from ..random import generators_for_seeds
+        from ..vdm import continuous_elbo_terms
+
+        if method not in self.NLL_METHODS:
+            raise ValueError(f"nll method must be one of {', '.join(self.NLL_METHODS)}, got {method!r}")
+        images = len(self.data_shape) == 3
+        if images and x.dtype != torch.uint8:
+            raise ValueError(f"nll needs raw uint8 images, got {x.dtype}")
+        if isinstance(generator, int):
+            generator = generators_for_seeds(range(generator, generator + x.shape[0]))
+        den = self.denoiser(modules)
+        dev = next(modules["net"].parameters()).device
+        parts = []
+        for i in range(0, x.shape[0], batch_size):
+            j = min(x.shape[0], i + batch_size)
+            gen = generator[i:j] if isinstance(generator, (list, tuple)) else generator
+            xb = x[i:j].to(dev)
+            cond = {}
+            if self.num_classes:
+                cond["y"] = (y[i:j] if y is not None else torch.full((j - i,), self.num_classes, dtype=torch.long)).to(dev)
+            if method == "pf_ode":
+                with torch.no_grad():
+                    if images:
+                        bpd, stats = pf_ode_bits_per_dim(den, xb, gen, trace="hutchinson", dtype=torch.float32,
+                                                         cond=cond, **opts)
+                        parts.append({"total": bpd, "nfe": torch.full_like(bpd, float(stats["nfe"]))})
+                    else:
+                        lp, stats = pf_ode_log_likelihood(den, xb.double(), trace="exact", cond=cond, **opts)
+                        parts.append({"total": -lp, "nfe": torch.full_like(lp, float(stats["nfe"]))})
+            elif isinstance(self.path, DDPMDiscrete):
+                with torch.no_grad():
+                    terms = ddpm_elbo_terms(den, xb if images else xb.double(), gen, n_t=n_t, cond=cond)
+                parts.append({k: terms[k] for k in ("prior", "diffusion", "reconstruction", "total")})
+            else:
+                with torch.no_grad():
+                    terms = continuous_elbo_terms(den, xb if images else xb.double(), gen, t_min=self._elbo_t_min(),
+                                                  n_t=n_t, cond=cond)
+                parts.append({k: terms[k] for k in ("prior", "diffusion", "reconstruction", "total")})
+        out = {k: torch.cat([p[k].detach().double().cpu() for p in parts]) for k in parts[0]}
+        if not images:
+            # ddpm_elbo_terms reports continuous data per dimension in bits: bring it to nats per example
+            if method == "elbo" and isinstance(self.path, DDPMDiscrete):
+                for k in ("prior", "diffusion", "reconstruction", "total"):
+                    out[k] = out[k] * self.data_shape[0] * math.log(2)
+        out["units"] = "bits/dim" if images else "nats"
+        return out
+
+    def _elbo_t_min(self) -> float | None:
+        """Lower end of the continuous ELBO: the path's ``t_min`` unless the data are exactly clean
+        there (rectified flow, t = 0); then the time where ``sigma / alpha = 1e-3``."""
+        c = self.path.coefficients(torch.tensor([self.path.t_min], dtype=torch.float64))
+        if float(c.sigma[0]) > 0:
+            return None
+        return float(self.path.t_from_log_snr(torch.tensor(-2 * math.log(1e-3), dtype=torch.float64)))
