@@ -276,3 +276,4 @@ def test_vdm_family_step_variance_gradient_sample_and_nll():
     nll = fam.nll(mods, x[:20], generator=0, batch_size=8)
     assert nll["total"].shape == (20,) and nll["units"] == "nats"
     torch.testing.assert_close(nll["total"], nll["prior"] + nll["reconstruction"] + nll["diffusion"])
+    torch.testing.assert_close(fam.nll(mods, x[:20], generator=0, batch_size=20)["total"], nll["total"])  # per-example seeds

@@ -160,17 +160,30 @@ class VDMFamily(DiffusionFamily):
         finally:
             self.path = own
 
-    @torch.no_grad()
-    def nll(self, modules, x: Tensor, generator=None, n_t: int = 1, y: Tensor | None = None, batch_size: int = 256) -> dict:
-        """Per-example negative-ELBO terms of data ``x`` (uint8 images: bits/dim; points: nats).
+    NLL_METHODS = ("elbo", "pf_ode")
 
-        ``x``: raw uint8 images (B, C, H, W) (model-space floats are mapped back to pixel values)
-        or points (B, D). ``generator``: a seed (per-example generators ``seed + i``), a
-        generator, or a list. Returns the dict of :func:`~scorelab.vdm.continuous_elbo_terms`
-        with (B,) tensors and ``stderr`` over all of ``x``.
+    @torch.no_grad()
+    def nll(self, modules, x: Tensor, method: str = "elbo", generator=None, y: Tensor | None = None,
+            batch_size: int = 128, n_t: int = 16, **opts) -> dict:
+        """Per-example negative log-likelihood bound of data ``x`` on the learned path of ``modules``.
+
+        ``x``: raw uint8 images (B, C, H, W) -> **bits/dim** (model-space floats are mapped back to
+        pixel values), or points (B, D) -> **nats** per example. ``method="elbo"``: the VDM
+        continuous-time ELBO (:func:`~scorelab.vdm.continuous_elbo_terms`, ``n_t`` times per
+        example); other methods (``pf_ode``) are the diffusion family's, run on the learned path.
+        ``generator``: a seed (example ``i`` uses seed + i, so results do not depend on
+        ``batch_size``), a generator or a list. Returns ``{"prior", "reconstruction", "diffusion",
+        "total": (B,), "units": str}``.
         """
         from ..random import generators_for_seeds
 
+        if method not in self.NLL_METHODS:
+            raise ValueError(f"nll method must be one of {', '.join(self.NLL_METHODS)}, got {method!r}")
+        if method != "elbo":
+            parent = getattr(super(), "nll", None)
+            if parent is None:
+                raise ValueError(f"nll method {method!r} needs the diffusion family's nll, which this version lacks")
+            return parent(modules, x, method=method, generator=generator, y=y, batch_size=batch_size, n_t=n_t, **opts)
         x = self._data(x)
         if isinstance(generator, int):
             generator = generators_for_seeds(range(generator, generator + x.shape[0]))
@@ -186,7 +199,6 @@ class VDMFamily(DiffusionFamily):
             if xb.is_floating_point():
                 xb = xb.to(next(net.parameters()).dtype)
             parts.append(continuous_elbo_terms(den, xb, gen, n_t=n_t, parameterization=self.cfg.prediction, cond=cond))
-        out = {k: torch.cat([p[k].cpu() for p in parts]) for k in ("prior", "reconstruction", "diffusion", "total")}
-        out["stderr"] = out["total"].std() / out["total"].numel() ** 0.5
+        out = {k: torch.cat([p[k].detach().double().cpu() for p in parts]) for k in ("prior", "reconstruction", "diffusion", "total")}
         out["units"] = parts[0]["units"]
         return out
