@@ -208,7 +208,7 @@ def _flat_sum(v: Tensor) -> Tensor:
 
 def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_min: float | None = None,
                           t_max: float | None = None, n_t: int = 1, low_discrepancy: bool = False,
-                          parameterization: str = "x0", cond: dict | None = None) -> dict:
+                          parameterization: str = "x0", cond: dict | None = None, time_sampling: str = "t") -> dict:
     """Per-example terms of the negative continuous-time ELBO of ``denoiser`` (any scorelab path).
 
     Args:
@@ -232,6 +232,12 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
             (``gamma' |eps - eps_hat|^2``) or ``score`` (``gamma' sigma^2 |-eps/sigma - s_hat|^2``);
             all equal in value.
         cond: conditioning passed to the denoiser, per example (repeated over ``n_t``).
+        time_sampling: ``"t"``: ``t ~ U[t_min, t_max]`` with weight ``-SNR'(t) = SNR gamma'``
+            (differentiable in the schedule: VDM's training estimate); ``"log_snr"``: ``lambda ~
+            U[lambda(t_max), lambda(t_min)]`` with weight ``SNR`` (the same integral after the change
+            of variables ``d SNR = SNR d lambda``). For a fixed path the second has far lower variance
+            where ``gamma'`` blows up (rectified flow: ``-SNR' ~ 2 / t^3`` near 0); it is the
+            estimate of an evaluation, not of training (the times carry no gradient).
 
     Returns a dict of (B,) tensors ``prior``, ``reconstruction``, ``diffusion``, ``total`` (their
     sum), the scalar ``stderr`` (standard error of ``total.mean()`` over the batch) and ``units``.
@@ -277,14 +283,28 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
     if low_discrepancy:
         R = B * n_t
         u = torch.remainder(u.reshape(-1)[0] + torch.arange(R, dtype=torch.float64, device=dev) / R, 1.0).reshape(B, n_t)
-    t = (t_lo + (t_hi - t_lo) * u).reshape(-1)  # (R,)
+    if time_sampling == "log_snr":
+        lam_ends = path.log_snr(torch.tensor([t_hi, t_lo], dtype=torch.float64, device=dev)).detach()
+        if not torch.isfinite(lam_ends).all():
+            raise ValueError(f"time_sampling='log_snr' needs a finite log-SNR at t_min and t_max, got {lam_ends.tolist()}")
+        lam_lo, lam_hi = float(lam_ends[0]), float(lam_ends[1])
+        t = path.t_from_log_snr((lam_lo + (lam_hi - lam_lo) * u).reshape(-1)).to(dev)  # (R,)
+        span = lam_hi - lam_lo
+    elif time_sampling == "t":
+        t = (t_lo + (t_hi - t_lo) * u).reshape(-1)  # (R,)
+        span = t_hi - t_lo
+    else:
+        raise ValueError(f"time_sampling must be 't' or 'log_snr', got {time_sampling!r}")
     eps = randn((B, n_t, *x.shape[1:]), generator=generator, dtype=xf.dtype, device=dev).flatten(0, 1)
     xr = xf.repeat_interleave(n_t, dim=0)  # (R, ...)
     c = path.coefficients(t)
     z = broadcast_to(c.alpha, xr) * xr + broadcast_to(c.sigma, xr) * eps
     cond_r = {kk: v.repeat_interleave(n_t, dim=0) for kk, v in (cond or {}).items()}
     pred = denoiser.predict(z, t, **cond_r)
-    dgamma = -2 * (c.d_alpha / c.alpha - c.d_sigma / c.sigma)  # gamma' = -(log SNR)' > 0, (R,)
+    if time_sampling == "t":
+        dgamma = -2 * (c.d_alpha / c.alpha - c.d_sigma / c.sigma)  # gamma' = -(log SNR)' > 0, (R,)
+    else:
+        dgamma = torch.ones_like(c.alpha)  # d lambda: the density of lambda is uniform, the Jacobian is 1
     if parameterization == "x0":
         w, sq = (c.alpha / c.sigma) ** 2 * dgamma, _flat_sum((xr - pred.x0) ** 2)  # -SNR' = SNR gamma'
     elif parameterization == "eps":
@@ -292,7 +312,7 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
     else:
         target = -eps / broadcast_to(c.sigma, eps)  # grad_z log q(z_t | x)
         w, sq = dgamma * c.sigma**2, _flat_sum((target - pred.score) ** 2)
-    diff = (0.5 * (t_hi - t_lo) * w * sq.to(w.dtype)).reshape(B, n_t).mean(1)
+    diff = (0.5 * span * w * sq.to(w.dtype)).reshape(B, n_t).mean(1)
 
     scale = 1.0 / (D * math.log(2)) if discrete else 1.0
     terms = {"prior": prior * scale, "reconstruction": recon * scale, "diffusion": diff * scale}

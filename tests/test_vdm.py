@@ -166,6 +166,24 @@ def test_diffusion_loss_depends_only_on_the_end_points_and_is_analytic():
     assert ses[0] != ses[1]
 
 
+def test_log_snr_time_sampling_is_the_same_integral_with_less_variance():
+    """lambda-uniform times estimate the same diffusion term; on rectified flow near t = 0, where
+    -SNR'(t) ~ 2 / t^3, their standard error is several times smaller than that of t-uniform times."""
+    s, D, n = 0.7, 2, 20000
+    data = GaussianMixture([1.0], [[0.0, 0.0]], [s])
+    x = data.sample(n, _gen(0))
+    path, lo, hi = RectifiedFlow(), 1e-3, 1 - 1e-3
+    ref = _analytic_diffusion(path, s, D, lo, hi)
+    with torch.no_grad():
+        res = {ts: continuous_elbo_terms(data.denoiser(path), x, _gen(5), t_min=lo, t_max=hi, time_sampling=ts)["diffusion"]
+               for ts in ("t", "log_snr")}
+    se = {k: float(v.std()) / math.sqrt(n) for k, v in res.items()}
+    assert abs(float(res["log_snr"].mean()) - ref) < 4 * se["log_snr"] and se["log_snr"] < 0.02 * ref
+    assert se["log_snr"] * 3 < se["t"], se  # measured 0.16 vs 0.70 (variance 19x lower)
+    with pytest.raises(ValueError, match="time_sampling"):
+        continuous_elbo_terms(data.denoiser(path), x[:2], _gen(0), t_min=lo, time_sampling="sigma")
+
+
 @pytest.mark.parametrize("kind", ["eps", "x0", "v", "velocity"])
 def test_x0_eps_score_forms_agree(kind):
     path = LearnedVPPath(_schedule(-9.0, 5.0, seed=5))

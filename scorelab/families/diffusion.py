@@ -236,7 +236,7 @@ class DiffusionFamily:
             else:
                 with torch.no_grad():
                     terms = continuous_elbo_terms(den, xb if images else xb.double(), gen, t_min=self._elbo_t_min(),
-                                                  n_t=n_t, cond=cond)
+                                                  n_t=n_t, cond=cond, time_sampling="log_snr")
                 parts.append({k: terms[k] for k in ("prior", "diffusion", "reconstruction", "total")})
         out = {k: torch.cat([p[k].detach().double().cpu() for p in parts]) for k in parts[0]}
         if not images:
