@@ -234,8 +234,9 @@ class DiffusionFamily:
                     terms = ddpm_elbo_terms(den, xb if images else xb.double(), gen, n_t=n_t, cond=cond)
                 parts.append({k: terms[k] for k in ("prior", "diffusion", "reconstruction", "total")})
             else:
+                lo, hi = self._elbo_range()
                 with torch.no_grad():
-                    terms = continuous_elbo_terms(den, xb if images else xb.double(), gen, t_min=self._elbo_t_min(),
+                    terms = continuous_elbo_terms(den, xb if images else xb.double(), gen, t_min=lo, t_max=hi,
                                                   n_t=n_t, cond=cond, time_sampling="log_snr")
                 parts.append({k: terms[k] for k in ("prior", "diffusion", "reconstruction", "total")})
         out = {k: torch.cat([p[k].detach().double().cpu() for p in parts]) for k in parts[0]}
@@ -247,10 +248,15 @@ class DiffusionFamily:
         out["units"] = "bits/dim" if images else "nats"
         return out
 
-    def _elbo_t_min(self) -> float | None:
-        """Lower end of the continuous ELBO: the path's ``t_min`` unless the data are exactly clean
-        there (rectified flow, t = 0); then the time where ``sigma / alpha = 1e-3``."""
-        c = self.path.coefficients(torch.tensor([self.path.t_min], dtype=torch.float64))
-        if float(c.sigma[0]) > 0:
-            return None
-        return float(self.path.t_from_log_snr(torch.tensor(-2 * math.log(1e-3), dtype=torch.float64)))
+    def _elbo_range(self) -> tuple[float, float]:
+        """Ends of the continuous ELBO's log-SNR integral: the path's ``t_min`` / ``t_max``, except
+        where the log-SNR is infinite there (rectified flow: clean data at t = 0, pure noise at
+        t = 1); those ends move to ``sigma / alpha = 1e-3`` and ``1e3``. The prior and
+        reconstruction terms then account for the rest (both are tiny at these ends)."""
+        lam = self.path.log_snr(torch.tensor([self.path.t_min, self.path.t_max], dtype=torch.float64))
+        lo, hi = float(self.path.t_min), float(self.path.t_max)
+        if not math.isfinite(float(lam[0])):
+            lo = float(self.path.t_from_log_snr(torch.tensor(2 * math.log(1e3), dtype=torch.float64)))
+        if not math.isfinite(float(lam[1])):
+            hi = float(self.path.t_from_log_snr(torch.tensor(-2 * math.log(1e3), dtype=torch.float64)))
+        return lo, hi
