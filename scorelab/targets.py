@@ -139,13 +139,22 @@ class Denoiser:
     passed in the path's own time units, shape (B,). The network runs in its own dtype
     (``net_dtype``, default: that of its first parameter); its output is cast back to the
     sampler's dtype before any conversion, so the conversions run in the sampler's precision.
+
+    ``input_sigma_data > 0`` feeds the network ``c_in x_t`` with EDM's input scaling
+    ``c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2)`` (Karras et al. 2022), so that its input has
+    about unit variance at every noise level; the output keeps its meaning (kind ``kind``). VE paths
+    need it: at ``sigma_max = 40`` the raw input is 40 times larger than the data.
     """
 
-    def __init__(self, net: Callable[..., Tensor], path: Path, kind: str = "eps", net_dtype: torch.dtype | None = None):
+    def __init__(self, net: Callable[..., Tensor], path: Path, kind: str = "eps", net_dtype: torch.dtype | None = None,
+                 input_sigma_data: float = 0.0):
         _check_kind(kind)
+        if not input_sigma_data >= 0:
+            raise ValueError(f"input_sigma_data must be >= 0 (0: no input scaling), got {input_sigma_data}")
         self.net = net  # the raw network (or any callable)
         self.path = path  # the forward process the network was trained on
         self.kind = kind  # what the network outputs
+        self.input_sigma_data = float(input_sigma_data)  # sigma_data of EDM's c_in (0: the net sees x_t as is)
         if net_dtype is None and isinstance(net, torch.nn.Module):
             p = next(iter(net.parameters()), None)
             net_dtype = p.dtype if p is not None else None
@@ -155,6 +164,9 @@ class Denoiser:
         """The network's own output (kind ``self.kind``) in the dtype of ``x``."""
         t = as_time_batch(t, x)
         dt = self.net_dtype or x.dtype
+        if self.input_sigma_data > 0:
+            c = self.path.coefficients(t).to(x)
+            x = x * torch.rsqrt(c.alpha**2 * self.input_sigma_data**2 + c.sigma**2)
         out = self.net(x.to(dt), t.to(dt), **cond)
         return out.to(x.dtype)
 

@@ -219,3 +219,31 @@ def test_conversion_table_values():
     logp = -0.5 * ((x - 0.7 * x0) ** 2).sum() / 0.3**2
     (g,) = torch.autograd.grad(logp, x)
     torch.testing.assert_close(from_x0_eps(x0, eps, "score", cx), g)
+
+
+def test_denoiser_input_scaling_feeds_unit_scale_inputs_and_keeps_the_output_kind():
+    """EDM's c_in: the net sees x_t / sqrt(alpha^2 s_d^2 + sigma^2); its output keeps its meaning."""
+    from scorelab.paths import VE
+    from scorelab.targets import Denoiser
+
+    seen = {}
+
+    def net(x, t):
+        seen["x"] = x
+        return torch.zeros_like(x)  # "eps = 0"
+
+    path = VE(sigma_min=0.01, sigma_max=40.0)
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.5 * torch.randn(4096, 8, generator=g, dtype=torch.float64)  # data std s_d = 0.5
+    for t in (0.0, 0.5, 1.0):
+        sigma = float(path.sigma(torch.tensor(t, dtype=torch.float64)))
+        xt = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        den = Denoiser(net, path, "eps", input_sigma_data=0.5)
+        pred = den.predict(xt, t)
+        torch.testing.assert_close(seen["x"], xt / math.sqrt(0.25 + sigma**2))
+        assert abs(float(seen["x"].std()) - 1) < 0.03  # unit scale at every noise level
+        torch.testing.assert_close(pred.x0, xt)  # eps = 0 => x0 = x_t: conversions use the unscaled x_t
+    Denoiser(net, path, "eps").predict(xt, 1.0)
+    assert float(seen["x"].std()) > 30  # without it the input is ~40x the data
+    with pytest.raises(ValueError, match="input_sigma_data"):
+        Denoiser(net, path, "eps", input_sigma_data=-1)

@@ -42,6 +42,7 @@ class DiffusionConfig:
     grid_options: dict = field(default_factory=dict)  # e.g. {shift: 3} or {rho: 7}
     sampler_options: dict = field(default_factory=dict)  # e.g. {n_steps_each: 100} for annealed_langevin
     label_dropout: float = 0.0  # probability of replacing a label by the null label in training
+    input_sigma_data: float = 0.0  # EDM input scaling c_in = 1/sqrt(alpha^2 s_d^2 + sigma^2) with s_d this (0: off; VE needs it)
 
     def __post_init__(self):
         from ..paths import GRIDS
@@ -68,6 +69,8 @@ class DiffusionConfig:
             raise ConfigError(f"model.sampling_steps must be >= 1, got {self.sampling_steps}")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not self.input_sigma_data >= 0:
+            raise ConfigError(f"model.input_sigma_data must be >= 0 (0: off), got {self.input_sigma_data}")
         try:
             make_path(self.path, **self.path_options)
             make_time_sampler(self.time_sampler, **self.time_sampler_options)
@@ -108,7 +111,7 @@ class DiffusionFamily:
 
     def denoiser(self, modules: dict[str, nn.Module] | None = None) -> Denoiser:
         net = (modules or self.modules())["net"]
-        return Denoiser(net, self.path, self.cfg.prediction)
+        return Denoiser(net, self.path, self.cfg.prediction, input_sigma_data=self.cfg.input_sigma_data)
 
     def training_step(self, modules, batch: dict, ctx) -> dict:
         x0 = batch["x"]
@@ -119,7 +122,8 @@ class DiffusionFamily:
                 drop = torch.rand(y.shape, generator=ctx.generator, device=ctx.generator.device).to(y.device) < self.cfg.label_dropout
                 y[drop] = self.num_classes
             cond["y"] = y
-        den = Denoiser(modules["net"], self.path, self.cfg.prediction, net_dtype=torch.float32)
+        den = Denoiser(modules["net"], self.path, self.cfg.prediction, net_dtype=torch.float32,
+                       input_sigma_data=self.cfg.input_sigma_data)
         with ctx.autocast():
             loss = diffusion_loss(
                 den, x0, target=self.cfg.target, weighting_name=self.cfg.weighting,
