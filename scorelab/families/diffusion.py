@@ -160,7 +160,9 @@ class DiffusionFamily:
             raise ValueError(f"noise must have shape {(n, *self.data_shape)}, got {tuple(noise.shape)}")
         if isinstance(generator, int):
             generator = generators_for_seeds(range(generator, generator + n), device="cpu")
-        opts = {**self.cfg.sampler_options, **sampler_opts}
+        # the config's sampler_options belong to the config's sampler: another sampler starts from its defaults
+        own = sampler is None or sampler == self.cfg.sampler
+        opts = {**(self.cfg.sampler_options if own else {}), **sampler_opts}
         outs = []
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
