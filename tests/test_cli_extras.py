@@ -108,3 +108,16 @@ def test_eval_nll_reports_bits_per_dim(runs, name, capsys):
         assert 0 < r["mean"] < 100, r
     assert {"prior", "diffusion", "reconstruction"} <= set(res["elbo"])
     assert abs(res["elbo"]["prior"] + res["elbo"]["diffusion"] + res["elbo"]["reconstruction"] - res["elbo"]["mean"]) < 1e-3
+
+
+def test_preset_sampler_options_stay_with_their_sampler():
+    """An NCSN-style config's annealed-Langevin options must not leak into another sampler."""
+    from scorelab.families import make_family
+
+    fam = make_family({"path": "ve", "path_options": {"sigma_max": 5.0}, "prediction": "eps", "net": "mlp",
+                       "net_options": {"width": 16, "depth": 1}, "sampler": "annealed_langevin", "sampling_steps": 3,
+                       "sampler_options": {"n_steps_each": 2}}, (2,))
+    mods = fam.modules()
+    a = fam.sample(mods, 8, generator=0)
+    b = fam.sample(mods, 8, generator=0, sampler="dpmpp_2m", steps=3, grid="karras")
+    assert a.shape == b.shape == (8, 2) and torch.isfinite(a).all() and torch.isfinite(b).all()
