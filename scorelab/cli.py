@@ -244,38 +244,38 @@ def _require_sampling(family, run) -> None:
                          f"(use it with scorelab sample DIFFUSION_RUN --classifier {run})")
 
 
-def _classifier_classes(run) -> int:
-    from .train.checkpoint import load_checkpoint
-    from .train.trainer import CKPT
+def _open_classifier(run, family):
+    """(family, modules) of a noisy_classifier run that can guide ``family`` (same path)."""
+    _, clf_family, clf_mods, _ = open_run(run)
+    if not hasattr(clf_family, "classifier"):
+        raise UsageError(f"--classifier {run} is not a noisy_classifier run")
+    if repr(clf_family.path) != repr(family.path):
+        raise UsageError(f"--classifier {run} was trained on path {clf_family.path!r}, the model on "
+                         f"{family.path!r}: the classifier must see the same x_t at the same t")
+    return clf_family, clf_mods
 
-    if not (Path(run) / CKPT).is_file():
-        raise UsageError(f"--classifier {run}: no checkpoint there (is it a run folder?)")
-    return int(load_checkpoint(Path(run) / CKPT)[1].get("num_classes", 0))
 
+def _guidance(args, family, classes, classifier=None):
+    """A ``Denoiser -> guided denoiser`` function from --cfg / --classifier, or None.
 
-def _guidance(args, family, classes):
-    """A ``Denoiser -> guided denoiser`` function from --cfg / --classifier, or None."""
+    ``classifier``: the (family, modules) of the --classifier run, from :func:`_open_classifier`.
+    """
     from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 
-    cfg_w, clf_run = getattr(args, "cfg", None), getattr(args, "classifier", None)
-    if cfg_w is None and clf_run is None:
+    if args.cfg is None and classifier is None:
         return None
     if classes is None:
         raise UsageError("guidance needs the class(es) to steer toward: add --class K")
-    if cfg_w is not None and not getattr(family, "num_classes", 0):
+    if args.cfg is not None and not getattr(family, "num_classes", 0):
         raise UsageError("--cfg needs a class-conditional run trained with label dropout (model.label_dropout > 0)")
     wraps = []
-    if cfg_w is not None:
-        wraps.append(lambda den: ClassifierFreeGuidance(den, cfg_w, form="w"))
-    if clf_run is not None:
-        _, clf_family, clf_mods, _ = open_run(clf_run)
-        if not hasattr(clf_family, "classifier"):
-            raise UsageError(f"--classifier {clf_run} is not a noisy_classifier run")
-        if repr(clf_family.path) != repr(family.path):
-            raise UsageError(f"--classifier {clf_run} was trained on path {clf_family.path!r}, the model on "
-                             f"{family.path!r}: the classifier must see the same x_t at the same t")
+    if args.cfg is not None:
+        wraps.append(lambda den: ClassifierFreeGuidance(den, args.cfg, form="w"))
+    if classifier is not None:
+        clf_family, clf_mods = classifier
         if int(classes.max()) >= clf_family.num_classes:
-            raise UsageError(f"--classifier {clf_run} has {clf_family.num_classes} classes; --class {int(classes.max())} is out of its range")
+            raise UsageError(f"--classifier {args.classifier} has {clf_family.num_classes} classes; "
+                             f"--class {int(classes.max())} is out of its range")
         clf = clf_family.classifier(clf_mods)
         cond_model = bool(getattr(family, "num_classes", 0))
         wraps.append(lambda den: ClassifierGuidance(den, clf, args.classifier_scale, pass_label=cond_model))
@@ -289,8 +289,6 @@ def _guidance(args, family, classes):
 
 
 def cmd_sample(args, rest) -> int:
-    import torch
-
     from .samplers import SAMPLERS
     from .viz import save_samples
 
@@ -300,12 +298,12 @@ def cmd_sample(args, rest) -> int:
         raise UsageError(f"unknown sampler {args.sampler!r}: expected one of {', '.join(SAMPLERS)}")
     cfg, family, mods, meta = open_run(args.run)
     _require_sampling(family, args.run)
-    clf_classes = _classifier_classes(args.classifier) if args.classifier else 0
-    classes = _parse_classes(args.classes, family, clf_classes)
+    classifier = _open_classifier(args.classifier, family) if args.classifier else None
+    classes = _parse_classes(args.classes, family, classifier[0].num_classes if classifier else 0)
     y = None
     if classes is not None:
         y = classes.repeat_interleave((args.n + len(classes) - 1) // len(classes))[: args.n]
-    guidance = _guidance(args, family, classes)
+    guidance = _guidance(args, family, classes, classifier)
     t0 = time.perf_counter()
     x = family.sample(mods, args.n, generator=args.seed, sampler=args.sampler, steps=args.steps, grid=args.grid, y=y,
                       **({"guidance": guidance} if guidance is not None else {}))

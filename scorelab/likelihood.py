@@ -44,7 +44,6 @@ the decoder ``p(x_0 | x_1)`` reads the path at ``k = 0``. :func:`ddpm_posterior`
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -11,13 +11,7 @@ from scorelab.nets.registry import build_net
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny nets: a second thread only adds synchronisation (and on a busy machine, waits)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 TINY = dict(hidden=32, depth=2, heads=2, mlp_ratio=2.0, bf16=False)

@@ -21,13 +21,7 @@ N = 3000  # samples per sampler run
 STEPS = 20  # dpmpp_2m steps on the log-SNR grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def overlapping_mixture(std: float = 0.8) -> GaussianMixture:

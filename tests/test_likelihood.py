@@ -29,12 +29,7 @@ F = torch.float64
 REL = 0.005  # required accuracy: 0.5% of a nat per dimension, |log p_ode - log p| <= REL * D
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _gen(seed):

@@ -35,13 +35,7 @@ N_PROJ = 128  # sliced-Wasserstein directions
 N_FLOOR = 24  # pairs of independent true sample sets used to measure the SW2 floor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is ~10x faster than two on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def gen(seed: int) -> torch.Generator:

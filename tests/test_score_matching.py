@@ -32,13 +32,7 @@ A0 = torch.tensor([[-0.7, 0.2], [0.1, -0.4]], dtype=F)  # a fixed (non-symmetric
 B0 = torch.tensor([0.3, 0.1], dtype=F)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest on the shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def gauss(n: int, seed: int) -> torch.Tensor:

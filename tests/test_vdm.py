@@ -27,13 +27,7 @@ from scorelab.vdm import LearnedLogSNR, LearnedVPPath, continuous_elbo_terms, di
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and fair to the other jobs on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from ..losses import make_time_sampler
 from ..nets.embeddings import time_options
 from ..nets.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
-from ..paths import PATHS, make_path
+from ..paths import make_path
 from ..random import Generator, randn_like
 from ..train.config import ConfigError, from_dict
-from .diffusion import DiffusionFamily
+from .diffusion import DiffusionFamily, check_path_fields
 
 __all__ = ["ClassifierConfig", "NoisyClassifierFamily"]
 
@@ -39,17 +39,11 @@ class ClassifierConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
 
     def __post_init__(self):
-        if self.path not in PATHS:
-            raise ConfigError(f"model.path {self.path!r} is unknown: expected one of {', '.join(PATHS)}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if "num_classes" in self.net_options:
             raise ConfigError("model.net_options.num_classes is set by the dataset; remove it")
-        try:
-            make_path(self.path, **self.path_options)
-            make_time_sampler(self.time_sampler, **self.time_sampler_options)
-        except ValueError as e:
-            raise ConfigError(f"model: {e}") from None
+        check_path_fields(self)
 
 
 class NoisyClassifierFamily:

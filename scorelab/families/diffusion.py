@@ -45,11 +45,6 @@ class DiffusionConfig:
     input_sigma_data: float = 0.0  # EDM input scaling c_in = 1/sqrt(alpha^2 s_d^2 + sigma^2) with s_d this (0: off; VE needs it)
 
     def __post_init__(self):
-        from ..paths import GRIDS
-        from ..samplers import SAMPLERS
-
-        if self.path not in PATHS:
-            raise ConfigError(f"model.path {self.path!r} is unknown: expected one of {', '.join(PATHS)}")
         if self.prediction not in KINDS:
             raise ConfigError(f"model.prediction {self.prediction!r} is unknown: expected one of {', '.join(KINDS)}")
         self.target = self.target or self.prediction
@@ -57,25 +52,42 @@ class DiffusionConfig:
             raise ConfigError(f"model.target {self.target!r} is unknown: expected one of {', '.join(KINDS)}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"model.weighting {self.weighting!r} is unknown: expected one of {', '.join(WEIGHTINGS)}")
-        if self.net not in NETS:
-            raise ConfigError(f"model.net {self.net!r} is unknown: expected one of {', '.join(NETS)}")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"model.sampler {self.sampler!r} is unknown: expected one of {', '.join(SAMPLERS)}")
-        if self.grid not in GRIDS:
-            raise ConfigError(f"model.grid {self.grid!r} is unknown: expected one of {', '.join(GRIDS)}")
-        if not isinstance(self.sampler_options, dict):
-            raise ConfigError(f"model.sampler_options must be a mapping, got {self.sampler_options!r}")
-        if self.sampling_steps < 1:
-            raise ConfigError(f"model.sampling_steps must be >= 1, got {self.sampling_steps}")
-        if not 0 <= self.label_dropout < 1:
-            raise ConfigError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
+        check_model_fields(self)
         if not self.input_sigma_data >= 0:
             raise ConfigError(f"model.input_sigma_data must be >= 0 (0: off), got {self.input_sigma_data}")
-        try:
-            make_path(self.path, **self.path_options)
-            make_time_sampler(self.time_sampler, **self.time_sampler_options)
-        except ValueError as e:
-            raise ConfigError(f"model: {e}") from None
+        check_path_fields(self)
+
+
+def check_model_fields(cfg) -> None:
+    """ConfigError for a bad ``net``, ``sampler``, ``grid``, ``sampler_options``, ``sampling_steps``
+    or ``label_dropout``: the fields every denoising-model config (diffusion, vdm) shares."""
+    from ..paths import GRIDS
+    from ..samplers import SAMPLERS
+
+    if cfg.net not in NETS:
+        raise ConfigError(f"model.net {cfg.net!r} is unknown: expected one of {', '.join(NETS)}")
+    if cfg.sampler not in SAMPLERS:
+        raise ConfigError(f"model.sampler {cfg.sampler!r} is unknown: expected one of {', '.join(SAMPLERS)}")
+    if cfg.grid not in GRIDS:
+        raise ConfigError(f"model.grid {cfg.grid!r} is unknown: expected one of {', '.join(GRIDS)}")
+    if not isinstance(cfg.sampler_options, dict):
+        raise ConfigError(f"model.sampler_options must be a mapping, got {cfg.sampler_options!r}")
+    if cfg.sampling_steps < 1:
+        raise ConfigError(f"model.sampling_steps must be >= 1, got {cfg.sampling_steps}")
+    if not 0 <= cfg.label_dropout < 1:
+        raise ConfigError(f"model.label_dropout must be in [0, 1), got {cfg.label_dropout}")
+
+
+def check_path_fields(cfg) -> None:
+    """ConfigError unless ``cfg.path`` with ``path_options`` and ``cfg.time_sampler`` with its
+    options can be built (diffusion and noise-aware classifier configs)."""
+    if cfg.path not in PATHS:
+        raise ConfigError(f"model.path {cfg.path!r} is unknown: expected one of {', '.join(PATHS)}")
+    try:
+        make_path(cfg.path, **cfg.path_options)
+        make_time_sampler(cfg.time_sampler, **cfg.time_sampler_options)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 class DiffusionFamily:
@@ -113,15 +125,20 @@ class DiffusionFamily:
         net = (modules or self.modules())["net"]
         return Denoiser(net, self.path, self.cfg.prediction, input_sigma_data=self.cfg.input_sigma_data)
 
+    def _cond(self, batch: dict, ctx=None) -> dict:
+        """``{"y": labels}`` of a class-conditional model (``{}`` otherwise); with the trainer's ``ctx``,
+        each label becomes the null label with probability ``label_dropout`` (from ``ctx.generator``)."""
+        if not self.num_classes:
+            return {}
+        y = batch["y"].clone()
+        if ctx is not None and self.cfg.label_dropout > 0:
+            drop = torch.rand(y.shape, generator=ctx.generator, device=ctx.generator.device).to(y.device) < self.cfg.label_dropout
+            y[drop] = self.num_classes
+        return {"y": y}
+
     def training_step(self, modules, batch: dict, ctx) -> dict:
         x0 = batch["x"]
-        cond = {}
-        if self.num_classes:
-            y = batch["y"].clone()
-            if self.cfg.label_dropout > 0:
-                drop = torch.rand(y.shape, generator=ctx.generator, device=ctx.generator.device).to(y.device) < self.cfg.label_dropout
-                y[drop] = self.num_classes
-            cond["y"] = y
+        cond = self._cond(batch, ctx)
         den = Denoiser(modules["net"], self.path, self.cfg.prediction, net_dtype=torch.float32,
                        input_sigma_data=self.cfg.input_sigma_data)
         with ctx.autocast():

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..nets.registry import NETS, build_net
+from ..nets.registry import build_net
 from ..targets import Denoiser
 from ..train.config import ConfigError, from_dict
 from ..vdm import LearnedLogSNR, LearnedVPPath, continuous_elbo_terms
-from .diffusion import DiffusionFamily
+from .diffusion import DiffusionFamily, check_model_fields
 
 __all__ = ["VDMConfig", "VDMFamily"]
 
@@ -50,27 +50,13 @@ class VDMConfig:
     label_dropout: float = 0.0  # probability of replacing a label by the null label in training
 
     def __post_init__(self):
-        from ..paths import GRIDS
-        from ..samplers import SAMPLERS
-
         if self.prediction not in ("eps", "x0", "score"):
             raise ConfigError(f"model.prediction {self.prediction!r} is not supported by vdm: expected eps, x0 or score")
         if not self.gamma_max > self.gamma_min:
             raise ConfigError(f"model.gamma_max ({self.gamma_max}) must be larger than model.gamma_min ({self.gamma_min})")
         if self.schedule_hidden < 1:
             raise ConfigError(f"model.schedule_hidden must be >= 1, got {self.schedule_hidden}")
-        if self.net not in NETS:
-            raise ConfigError(f"model.net {self.net!r} is unknown: expected one of {', '.join(NETS)}")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"model.sampler {self.sampler!r} is unknown: expected one of {', '.join(SAMPLERS)}")
-        if self.grid not in GRIDS:
-            raise ConfigError(f"model.grid {self.grid!r} is unknown: expected one of {', '.join(GRIDS)}")
-        if not isinstance(self.sampler_options, dict):
-            raise ConfigError(f"model.sampler_options must be a mapping, got {self.sampler_options!r}")
-        if self.sampling_steps < 1:
-            raise ConfigError(f"model.sampling_steps must be >= 1, got {self.sampling_steps}")
-        if not 0 <= self.label_dropout < 1:
-            raise ConfigError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
+        check_model_fields(self)
 
 
 class VDMFamily(DiffusionFamily):
@@ -108,15 +94,6 @@ class VDMFamily(DiffusionFamily):
         if len(self.data_shape) == 3 and x.dtype != torch.uint8:
             return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return x
-
-    def _cond(self, batch: dict, ctx=None) -> dict:
-        if not self.num_classes:
-            return {}
-        y = batch["y"].clone()
-        if ctx is not None and self.cfg.label_dropout > 0:
-            drop = torch.rand(y.shape, generator=ctx.generator, device=ctx.generator.device).to(y.device) < self.cfg.label_dropout
-            y[drop] = self.num_classes
-        return {"y": y}
 
     def training_step(self, modules, batch: dict, ctx) -> dict:
         x = self._data(batch["x"])
