@@ -22,7 +22,7 @@ For uint8 data ``k in {0..255}^D`` and uniform noise ``u ~ U[0, 1)^D`` the model
     bits/dim  = -(log p_model(y) + D log(2/256)) / (D ln 2)   (one draw of u: unbiased for the bound).
 
 Note that ``y`` places ``k`` at the left edge of a bin of width ``2/256``, not at
-``ImageDataset.to_float``'s ``k / 127.5 - 1`` (bins of width ``2/255`` centred on the data);
+``quantize.to_model``'s ``k / 127.5 - 1`` (bins of width ``2/255`` centred on the data);
 the two differ by less than one bin (at most ``2/256``).
 
 Discrete DDPM ELBO (seed 002 §2.1; Ho et al. 2020, eq. 5)
@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .paths import DDPMDiscrete, Path
+from .quantize import bits_per_dim, dequantize, discretized_gaussian_log_prob, nats_to_bits_per_dim, to_model
 from .random import Generator, rand, randn
 
 __all__ = [
@@ -59,11 +60,7 @@ __all__ = [
     "pf_ode_bits_per_dim",
     "ddpm_posterior",
     "ddpm_elbo_terms",
-    "discretized_gaussian_log_likelihood",
 ]
-
-_LN2 = math.log(2.0)
-
 
 # --------------------------------------------------------------------------------------
 # Probability-flow ODE
@@ -211,29 +208,8 @@ def pf_ode_log_likelihood(
 
 
 # --------------------------------------------------------------------------------------
-# Dequantization and bits per dimension
+# Dequantized images (dequantize and bits_per_dim live in scorelab.quantize)
 # --------------------------------------------------------------------------------------
-def dequantize(x_uint8: Tensor, generator: Generator = None, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Uniformly dequantized model-space images ``y = 2 (k + u) / 256 - 1``, ``u ~ U[0, 1)``: (B, ...).
-
-    ``y`` lies in ``[-1, 1)``; this is not ``ImageDataset.to_float`` (``k / 127.5 - 1``), see the
-    module docstring.
-    """
-    if x_uint8.dtype != torch.uint8:
-        raise ValueError(f"x_uint8 must be a uint8 tensor, got {x_uint8.dtype}")
-    u = rand(tuple(x_uint8.shape), generator=generator, dtype=dtype, device=x_uint8.device)
-    return 2 * (x_uint8.to(dtype) + u) / 256 - 1
-
-
-def bits_per_dim(log_prob_y: Tensor, dim: int) -> Tensor:
-    """Bits/dim of uint8 data from a model-space density at dequantized ``y`` (:func:`dequantize`).
-
-    ``bpd = -(log p_model(y) + D log(2/256)) / (D ln 2)``; ``log_prob_y``: (B,) nats; returns (B,).
-    A model uniform on ``[-1, 1]^D`` (``log p = -D log 2``) gets exactly 8 bits/dim.
-    """
-    return -(log_prob_y + dim * math.log(2 / 256)) / (dim * _LN2)
-
-
 def pf_ode_bits_per_dim(denoiser, x_uint8: Tensor, generator: Generator = None, trace: str = "hutchinson",
                         dtype: torch.dtype = torch.float64, **kwargs) -> tuple[Tensor, dict]:
     """Bits/dim of uint8 images ``x_uint8: (B, C, H, W)`` under the probability-flow ODE.
@@ -299,29 +275,6 @@ def _gaussian_kl(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> Tensor:
     return kl.expand_as(m1).flatten(1).sum(1)
 
 
-def _std_normal_cdf(x: Tensor) -> Tensor:
-    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-
-
-def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """``log P(x)`` of 8-bit data under a per-dimension Gaussian integrated over its bin: (B,).
-
-    ``x`` in ``[-1, 1]`` on the grid ``k / 127.5 - 1`` (``ImageDataset.to_float``); bin ``k`` is
-    ``[x - 1/255, x + 1/255]``, except that the first bin extends to ``-inf`` and the last to
-    ``+inf`` (Ho et al. 2020 §3.3; Nichol & Dhariwal 2021 ``discretized_gaussian_log_likelihood``).
-    Probabilities are floored at 1e-12 (as in the reference code). Summed over non-batch dims.
-    """
-    inv = torch.exp(-log_std)
-    d = x - mean
-    cdf_hi = _std_normal_cdf(inv * (d + 1 / 255))
-    cdf_lo = _std_normal_cdf(inv * (d - 1 / 255))
-    log_cdf_hi = torch.log(cdf_hi.clamp_min(1e-12))
-    log_one_m_cdf_lo = torch.log((1 - cdf_lo).clamp_min(1e-12))
-    mid = torch.log((cdf_hi - cdf_lo).clamp_min(1e-12))
-    lp = torch.where(x < -0.999, log_cdf_hi, torch.where(x > 0.999, log_one_m_cdf_lo, mid))
-    return lp.flatten(1).sum(1)
-
-
 def ddpm_elbo_terms(
     denoiser,
     x: Tensor,
@@ -336,7 +289,7 @@ def ddpm_elbo_terms(
     Args:
         denoiser: a Denoiser/ExactDenoiser on a :class:`~scorelab.paths.DDPMDiscrete` path;
             ``p_theta(x_{k-1} | x_k) = N(posterior mean with x0_hat(x_k, k), var)``.
-        x: (B, ...) uint8 images (model space ``ImageDataset.to_float``, discretized Gaussian
+        x: (B, ...) uint8 images (model space ``quantize.to_model``, discretized Gaussian
             decoder; the total bounds ``-log2 P(x)`` per dim) or floating data already in model
             space (continuous Gaussian decoder density; the total bounds ``-log2 p(x)`` per dim).
         generator: randomness for the timesteps and the noise ``x_k = alpha_k x_0 + sigma_k eps``.
@@ -365,10 +318,10 @@ def ddpm_elbo_terms(
         raise ValueError("the DDPM ELBO needs T >= 2")
     cond = cond or {}
     discrete = x.dtype == torch.uint8
-    x0 = x.to(dtype) / 127.5 - 1 if discrete else x.to(dtype)
+    x0 = to_model(x, dtype) if discrete else x.to(dtype)
     B, D, T = x0.shape[0], x0[0].numel(), path.T
     dev = x0.device
-    to_bpd = lambda nats: nats / (D * _LN2)  # noqa: E731
+    to_bpd = lambda nats: nats_to_bits_per_dim(nats, D)  # noqa: E731
     betas = path.betas.to(device=dev, dtype=dtype)
 
     def reverse_kl(k: Tensor, x0_: Tensor, eps: Tensor) -> Tensor:
@@ -413,9 +366,8 @@ def ddpm_elbo_terms(
     else:  # beta_tilde_1 (beta_tilde_0 = 0 would be a point mass)
         var0 = (-torch.expm1(path._logab[1])) / (-torch.expm1(path._logab[2])) * path.betas[1]
         var0 = var0.to(dtype)
-    log_std = 0.5 * torch.log(var0) * torch.ones_like(mean)
     if discrete:
-        rec = -discretized_gaussian_log_likelihood(x0, mean, log_std)
+        rec = -discretized_gaussian_log_prob(x, mean, var0.sqrt()).flatten(1).sum(1)
     else:
         rec = 0.5 * (((x0 - mean) ** 2) / var0 + torch.log(2 * math.pi * var0 * torch.ones_like(mean))).flatten(1).sum(1)
     out["reconstruction"] = to_bpd(rec)

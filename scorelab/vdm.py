@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .paths import Coefficients, Path, broadcast_to
+from .quantize import discretized_gaussian_log_prob, to_model
 from .random import Generator, rand, randn
 
-__all__ = ["LearnedLogSNR", "LearnedVPPath", "continuous_elbo_terms", "discretized_gaussian_log_prob", "PARAMETERIZATIONS"]
+__all__ = ["LearnedLogSNR", "LearnedVPPath", "continuous_elbo_terms", "PARAMETERIZATIONS"]
 
 PARAMETERIZATIONS = ("x0", "eps", "score")
 
@@ -175,33 +176,6 @@ class LearnedVPPath(Path):
 # --------------------------------------------------------------------------------------
 # The continuous-time ELBO
 # --------------------------------------------------------------------------------------
-def _log1mexp(d: Tensor) -> Tensor:
-    """``log(1 - exp(d))`` for ``d < 0``, accurate at both ends."""
-    return torch.where(d > -math.log(2), torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
-
-
-def discretized_gaussian_log_prob(k: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """``log P(k)`` of pixel values ``k in {0..255}`` under ``N(mean, std^2)`` binned on [-1, 1] (elementwise).
-
-    Value ``k`` sits at ``x_k = 2k/255 - 1`` with bin ``[x_k - 1/255, x_k + 1/255]``; the end bins
-    extend to -inf and +inf, so the 256 probabilities sum to one (Ho et al. 2020, §3.3). Computed
-    in float64 as ``log(Phi(a) - Phi(b))`` with log-CDFs, flipped to the upper tail when the bin
-    lies above the mean, so it stays finite however far or narrow the Gaussian.
-    """
-    k = k.to(torch.float64)
-    mean, std = mean.to(torch.float64), std.to(torch.float64)
-    x = 2 * k / 255 - 1
-    a = (x + 1 / 255 - mean) / std  # upper edge, standardised
-    b = (x - 1 / 255 - mean) / std  # lower edge
-    flip = (a + b) > 0
-    hi, lo = torch.where(flip, -b, a), torch.where(flip, -a, b)
-    la, lb = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
-    mid = la + _log1mexp(lb - la)
-    bottom = torch.special.log_ndtr(a)  # P(X < x_0 + 1/255)
-    top = torch.special.log_ndtr(-b)  # P(X > x_255 - 1/255)
-    return torch.where(k <= 0, bottom, torch.where(k >= 255, top, mid))
-
-
 def _flat_sum(v: Tensor) -> Tensor:
     return v.flatten(1).sum(1)
 
@@ -217,7 +191,7 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
             kind (eps, x0, v, score, velocity) works.
         x: (B, ...) data. ``uint8`` means images with values ``k`` mapped to ``2k/255 - 1``: the
             reconstruction term is then the discretized Gaussian ``-log P(k | z_{t_min})`` with mean
-            ``z/alpha`` and std ``sigma/alpha`` (:func:`discretized_gaussian_log_prob`) and all
+            ``z/alpha`` and std ``sigma/alpha`` (:func:`scorelab.quantize.discretized_gaussian_log_prob`) and all
             terms are in **bits per dimension** (a bound on ``-log2 P(k) / D``). Floating data are
             continuous: the decoder is the Gaussian ``N(x; z/alpha, (sigma/alpha)^2 I)`` and the terms
             are in **nats per example** (a bound on ``-log p(x)``, the density summed over dims).
@@ -255,7 +229,7 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
     discrete = x.dtype == torch.uint8
     if discrete:
         k = x
-        xf = 2 * x.to(torch.float32) / 255 - 1
+        xf = to_model(x)
     else:
         k, xf = None, x
     B, D = x.shape[0], x[0].numel()

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .quantize import to_uint8
+
 __all__ = ["image_grid", "save_image_grid", "save_scatter", "plot_loss_curve", "save_samples"]
 
 
@@ -22,7 +24,7 @@ def image_grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     n, c, h, w = x.shape
     nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
     ncol = int(math.ceil(n / nrow))
-    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    u8 = to_uint8(x).numpy()
     grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, k = divmod(i, nrow)

@@ -17,11 +17,16 @@ from scorelab.likelihood import (
     ddpm_posterior,
     default_t_start,
     dequantize,
-    discretized_gaussian_log_likelihood,
     pf_ode_bits_per_dim,
     pf_ode_log_likelihood,
 )
 from scorelab.paths import EDM, DDPMDiscrete, RectifiedFlow, VPLinear
+from scorelab.quantize import discretized_gaussian_log_prob, to_uint8
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_std):
+    """The decoder of scorelab.quantize seen from model-space ``x`` on the grid, summed over dims: (B,)."""
+    return discretized_gaussian_log_prob(to_uint8(x), mean, log_std.exp()).flatten(1).sum(1)
 
 pytest.importorskip("torchdiffeq")
 

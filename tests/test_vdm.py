@@ -22,7 +22,8 @@ from scorelab.data.mixture import GaussianMixture, random_mixture
 from scorelab.paths import VE, RectifiedFlow, VPLinear
 from scorelab.random import generators_for_seeds
 from scorelab.targets import Denoiser
-from scorelab.vdm import LearnedLogSNR, LearnedVPPath, continuous_elbo_terms, discretized_gaussian_log_prob
+from scorelab.quantize import discretized_gaussian_log_prob
+from scorelab.vdm import LearnedLogSNR, LearnedVPPath, continuous_elbo_terms
 
 F64 = torch.float64
 

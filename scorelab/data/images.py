@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..quantize import to_model, to_uint8
 from ..random import Generator, rand
 
 __all__ = [
@@ -119,13 +120,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def to_float(u8: Tensor) -> Tensor:
-        """uint8 ``0..255`` -> float32 ``[-1, 1]``: ``x = u / 127.5 - 1``."""
-        return u8.to(torch.float32) / 127.5 - 1
+        """uint8 ``0..255`` -> float32 ``[-1, 1]``: ``x = u / 127.5 - 1`` (:func:`scorelab.quantize.to_model`)."""
+        return to_model(u8)
 
     @staticmethod
     def from_float(x: Tensor) -> Tensor:
-        """float ``[-1, 1]`` -> uint8: ``round((x + 1) * 127.5)`` clipped to ``0..255`` (inverse of to_float)."""
-        return ((x.detach().to(torch.float32) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        """float ``[-1, 1]`` -> uint8 (:func:`scorelab.quantize.to_uint8`, the inverse of to_float)."""
+        return to_uint8(x)
 
     def float_images(self) -> Tensor:
         """All images as float32 ``[-1, 1]``: (N, C, H, W)."""
