@@ -165,7 +165,7 @@ def pf_ode_log_likelihood(
         if time_variable == "log_snr":  # the solver's t is s = -lambda; dx/ds = v(t(s)) / (-lambda'(t(s)))
             tt = path.t_from_log_snr(-t.to(torch.float64).reshape(1)).to(xt.device)
             c64 = path.coefficients(tt)
-            ds_dt = -2 * (c64.d_alpha / c64.alpha - c64.d_sigma / c64.sigma)
+            ds_dt = -c64.d_log_snr
             pred = denoiser.predict(xt, tt.expand(xt.shape[0]), **cond)
             c = pred.coefficients
             return (c.d_alpha * pred.x0 + c.d_sigma * pred.eps) / float(ds_dt)

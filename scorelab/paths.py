@@ -69,6 +69,11 @@ class Coefficients:
     def log_snr(self) -> Tensor:
         return 2 * (torch.log(self.alpha) - torch.log(self.sigma))
 
+    @property
+    def d_log_snr(self) -> Tensor:
+        """``lambda'(t) = 2 (alpha'/alpha - sigma'/sigma)``."""
+        return 2 * (self.d_alpha / self.alpha - self.d_sigma / self.sigma)
+
 
 class Path:
     """Base class: subclasses give ``alpha``, ``sigma`` and their derivatives in closed form."""
@@ -112,6 +117,19 @@ class Path:
         """``lambda(t) = 2 log(alpha(t) / sigma(t))``, decreasing in t."""
         t = self._t(t)
         return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    def d_log_snr(self, t) -> Tensor:
+        """``lambda'(t) = 2 (alpha'/alpha - sigma'/sigma)`` (< 0: the log-SNR decreases in t)."""
+        return self.coefficients(t).d_log_snr
+
+    def c_noise(self, t) -> Tensor:
+        """The network's time input: an order-one function of ``t`` (EDM's ``c_noise``).
+
+        The identity for paths whose time already lies in ``[0, 1]``; :class:`DDPMDiscrete` gives
+        ``t / T`` and :class:`EDM` ``ln(sigma) / 4``. :class:`~scorelab.targets.Denoiser` applies
+        it, so networks never know which path they serve.
+        """
+        return self._t(t)
 
     def drift(self, t) -> Tensor:
         """SDE drift coefficient ``f(t) = alpha'(t) / alpha(t)``."""
@@ -292,6 +310,10 @@ class DDPMDiscrete(Path):
     def __repr__(self) -> str:
         return f"DDPMDiscrete(T={self.T}, beta_start={self.beta_start}, beta_end={self.beta_end}, schedule={self.schedule!r})"
 
+    def c_noise(self, t) -> Tensor:
+        """``t / T``: step indices ``0 .. T-1`` as ``[0, 1)`` whatever ``T`` (clean ``t = -1`` gives ``-1/T``)."""
+        return self._t(t) / self.T
+
     def alphas_cumprod(self) -> Tensor:
         """``alphabar_k`` for ``k = 0 .. T-1``: shape (T,)."""
         return self._logab[1:].exp()
@@ -423,6 +445,10 @@ class EDM(Path):
 
     def t_from_log_snr(self, lam):
         return torch.exp(-0.5 * torch.as_tensor(lam, dtype=torch.float64))
+
+    def c_noise(self, t) -> Tensor:
+        """``ln(sigma) / 4`` (Karras et al. 2022, Table 1), with ``sigma`` floored at 1e-8 so that 0 stays finite."""
+        return 0.25 * torch.log(self._t(t).clamp_min(1e-8))
 
 
 PATHS: dict[str, Callable[..., Path]] = {

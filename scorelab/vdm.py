@@ -276,7 +276,7 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
     cond_r = {kk: v.repeat_interleave(n_t, dim=0) for kk, v in (cond or {}).items()}
     pred = denoiser.predict(z, t, **cond_r)
     if time_sampling == "t":
-        dgamma = -2 * (c.d_alpha / c.alpha - c.d_sigma / c.sigma)  # gamma' = -(log SNR)' > 0, (R,)
+        dgamma = -c.d_log_snr  # gamma' = -(log SNR)' > 0, (R,)
     else:
         dgamma = torch.ones_like(c.alpha)  # d lambda: the density of lambda is uniform, the Jacobian is 1
     if parameterization == "x0":
