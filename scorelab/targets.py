@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .paths import Coefficients, Path
 
-__all__ = ["KINDS", "to_x0_eps", "from_x0_eps", "convert", "mse_factor", "Prediction", "Denoiser", "DenoiserLike"]
+__all__ = ["KINDS", "PRECONDITIONINGS", "to_x0_eps", "from_x0_eps", "convert", "mse_factor", "Prediction", "Denoiser", "DenoiserLike"]
 
 KINDS = ("eps", "x0", "v", "score", "velocity")
 
@@ -132,43 +132,94 @@ def as_time_batch(t, x: Tensor) -> Tensor:
     return t
 
 
+PRECONDITIONINGS = ("none", "input", "edm")
+
+
 class Denoiser:
     """A network seen through a path: answers any prediction kind.
 
-    ``net(x_t, t, **cond)`` returns a prediction of ``kind`` with the shape of ``x_t``; ``t`` is
-    passed in the path's own time units, shape (B,). The network runs in its own dtype
-    (``net_dtype``, default: that of its first parameter); its output is cast back to the
+    ``net(x_in, tau, **cond)`` returns a tensor with the shape of ``x_t``; ``tau = path.c_noise(t)``
+    is the network's order-one time input (EDM's ``c_noise``: the time map lives here, with the
+    rest of the preconditioning, not in the networks). The network runs in its own dtype
+    (``net_dtype``, default: that of its first parameter), under ``torch.autocast(autocast)`` when
+    ``autocast`` is a dtype (the run's ``train.precision``); its output is cast back to the
     sampler's dtype before any conversion, so the conversions run in the sampler's precision.
 
-    ``input_sigma_data > 0`` feeds the network ``c_in x_t`` with EDM's input scaling
-    ``c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2)`` (Karras et al. 2022), so that its input has
-    about unit variance at every noise level; the output keeps its meaning (kind ``kind``). VE paths
-    need it: at ``sigma_max = 40`` the raw input is 40 times larger than the data.
+    Preconditioning (Karras et al. 2022, Table 1), written for any path by working in
+    ``x~ = x_t / alpha`` with noise level ``s = sigma / alpha`` (on VE / EDM paths ``alpha = 1``)::
+
+        c_in   = 1 / sqrt(s^2 + sigma_data^2)
+        c_skip = sigma_data^2 / ((s - sigma_min)^2 + sigma_data^2)
+        c_out  = (s - sigma_min) sigma_data / sqrt(s^2 + sigma_data^2)
+        D(x_t, t) = c_skip x~ + c_out F(c_in x~, c_noise(t))          (an estimate of x_0)
+
+    ``precond``: ``"none"`` (``F`` sees ``x_t`` and outputs ``kind``), ``"input"`` (``F`` sees
+    ``c_in x~ = x_t / sqrt(sigma^2 + alpha^2 sigma_data^2)`` so that its input has unit variance at
+    every noise level, and outputs ``kind``; VE paths need it: at ``sigma_max = 40`` the raw input is
+    40 times the data) or ``"edm"`` (the whole form; the denoiser's ``kind`` is then ``x0``).
+    ``sigma_min = 0`` is EDM; consistency models set it to the smallest noise level so that
+    ``c_skip(sigma_min) = 1``, ``c_out(sigma_min) = 0`` and ``D(x, sigma_min) = x`` exactly (Song et
+    al. 2023). The scalings are computed from ``alpha, sigma`` without dividing by ``alpha``, so
+    they stay finite at rectified flow's ``alpha = 0``.
+    ``input_sigma_data > 0`` is the older spelling of ``precond="input", sigma_data=input_sigma_data``.
     """
 
     def __init__(self, net: Callable[..., Tensor], path: Path, kind: str = "eps", net_dtype: torch.dtype | None = None,
-                 input_sigma_data: float = 0.0):
+                 input_sigma_data: float = 0.0, *, precond: str = "none", sigma_data: float = 0.5, sigma_min: float = 0.0,
+                 autocast: torch.dtype | None = None):
         _check_kind(kind)
         if not input_sigma_data >= 0:
             raise ValueError(f"input_sigma_data must be >= 0 (0: no input scaling), got {input_sigma_data}")
-        self.net = net  # the raw network (or any callable)
+        if input_sigma_data > 0:
+            if precond not in ("none", "input"):
+                raise ValueError("give either input_sigma_data or precond, not both")
+            precond, sigma_data = "input", input_sigma_data
+        if precond not in PRECONDITIONINGS:
+            raise ValueError(f"unknown precond {precond!r}: expected one of {', '.join(PRECONDITIONINGS)}")
+        if precond == "edm" and kind != "x0":
+            raise ValueError(f"precond 'edm' makes the denoiser an x0 estimate: kind must be 'x0', got {kind!r}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        if not sigma_min >= 0:
+            raise ValueError(f"sigma_min must be >= 0, got {sigma_min}")
+        self.net = net  # the raw network F (or any callable)
         self.path = path  # the forward process the network was trained on
-        self.kind = kind  # what the network outputs
-        self.input_sigma_data = float(input_sigma_data)  # sigma_data of EDM's c_in (0: the net sees x_t as is)
+        self.kind = kind  # what the (preconditioned) network outputs
+        self.precond = precond  # none | input | edm
+        self.sigma_data = float(sigma_data)  # expected std of the data (EDM: 0.5)
+        self.sigma_min = float(sigma_min)  # noise level where D is the identity (consistency models; 0: EDM)
+        self.input_sigma_data = self.sigma_data if precond == "input" else 0.0
+        self.autocast = autocast  # autocast dtype of the network call (None: the net's own dtype)
         if net_dtype is None and isinstance(net, torch.nn.Module):
             p = next(iter(net.parameters()), None)
             net_dtype = p.dtype if p is not None else None
         self.net_dtype = net_dtype
 
-    def raw(self, x: Tensor, t, **cond) -> Tensor:
-        """The network's own output (kind ``self.kind``) in the dtype of ``x``."""
-        t = as_time_batch(t, x)
+    def scalings(self, c: Coefficients) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c_in, c_skip, c_out)`` acting on ``x_t`` (so ``c_in`` and ``c_skip`` include the ``1/alpha``), shapes of ``c``."""
+        a, s, sd, sm = c.alpha, c.sigma, self.sigma_data, self.sigma_min
+        r = torch.sqrt(s**2 + (sd * a) ** 2)
+        d = s - sm * a
+        return 1 / r, sd**2 * a / (d**2 + (sd * a) ** 2), d * sd / r
+
+    def _net(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         dt = self.net_dtype or x.dtype
-        if self.input_sigma_data > 0:
-            c = self.path.coefficients(t).to(x)
-            x = x * torch.rsqrt(c.alpha**2 * self.input_sigma_data**2 + c.sigma**2)
-        out = self.net(x.to(dt), t.to(dt), **cond)
-        return out.to(x.dtype)
+        tau = self.path.c_noise(t)
+        if self.autocast is None:
+            return self.net(x.to(dt), tau.to(dt), **cond)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.net(x.to(dt), tau.to(dt), **cond)
+
+    def raw(self, x: Tensor, t, **cond) -> Tensor:
+        """The (preconditioned) network's output, of kind ``self.kind``, in the dtype of ``x``."""
+        t = as_time_batch(t, x)
+        if self.precond == "none":
+            return self._net(x, t, **cond).to(x.dtype)
+        c_in, c_skip, c_out = self.scalings(self.path.coefficients(t).to(x))
+        out = self._net(x * c_in, t, **cond).to(x.dtype)
+        if self.precond == "input":
+            return out
+        return c_skip * x + c_out * out
 
     def predict(self, x: Tensor, t, **cond) -> Prediction:
         t = as_time_batch(t, x)

@@ -133,7 +133,7 @@ def test_rectified_flow_and_ddpm_losses_are_configurations_of_one_function():
     ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=F), 0)[k.long()]
     dd = diffusion_loss(Denoiser(net, p, "eps"), x0, target="eps", t=k, eps=eps)
     xt = ab.sqrt()[:, None] * x0 + (1 - ab).sqrt()[:, None] * eps
-    torch.testing.assert_close(dd, ((net(xt, k) - eps) ** 2).mean(1))
+    torch.testing.assert_close(dd, ((net(xt, p.c_noise(k)) - eps) ** 2).mean(1))  # the net sees k / T
 
 
 @pytest.mark.parametrize("name", ["vp", "rf", "edm", "ve"])

@@ -15,11 +15,10 @@ from scorelab.nets import (
     UNet,
     UNetConfig,
     sinusoidal_embedding,
-    time_options,
 )
-from scorelab.nets.embeddings import time_to_tau
+from scorelab.paths import EDM, DDPMDiscrete, RectifiedFlow
 
-TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4, head_dim=8, bf16=False)
+TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4, head_dim=8)
 
 
 def tiny_unet(**kw) -> UNet:
@@ -64,9 +63,10 @@ def test_unet_fast_options_match_shapes_and_float32_reference():
     x, t = torch.randn(4, 1, 28, 28), torch.rand(4)
     out = ref(x, t)
     for kw in (dict(bf16=True), dict(channels_last=True), dict(norm="layer", channels_last=True, bf16=True)):
-        net = tiny_unet(zero_init=False, patch_size=2, **kw)
+        net = tiny_unet(zero_init=False, patch_size=2, **{k: v for k, v in kw.items() if k != "bf16"})
         net.load_state_dict(ref.state_dict()) if "norm" not in kw else None
-        o = net(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kw.get("bf16", False)):  # precision is the caller's
+            o = net(x, t)
         assert o.shape == x.shape and o.dtype == torch.float32 and torch.isfinite(o).all()
         if "norm" not in kw:
             # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op); a few dozen layers stay within 5%
@@ -103,23 +103,26 @@ def test_fourier_features_fixed_and_independent_of_global_seed():
 
 @pytest.mark.parametrize("kind", ["sinusoidal", "fourier"])
 def test_time_embedding_integer_and_edm_scales(kind):
-    # DDPM step indices 0..999 (tau = t / 1000) and EDM sigmas (tau = ln(sigma) / 4, sigma = 0 allowed)
+    # DDPM step indices 0..999 (tau = t / 1000) and EDM sigmas (tau = ln(sigma) / 4, sigma = 0 allowed):
+    # the path's c_noise is the net's time input
     for opts, t in (
-        (time_options("ddpm", T=1000), torch.arange(0, 1000, dtype=torch.float32)),
-        (time_options("edm"), torch.cat([torch.zeros(1), torch.logspace(math.log10(0.002), math.log10(80.0), 999)])),
-        (time_options("rf"), torch.linspace(0, 1, 1000)),
+        (DDPMDiscrete(T=1000), torch.arange(0, 1000, dtype=torch.float32)),
+        (EDM(), torch.cat([torch.zeros(1), torch.logspace(math.log10(0.002), math.log10(80.0), 999)])),
+        (RectifiedFlow(), torch.linspace(0, 1, 1000)),
     ):
-        emb = TimeEmbedding(32, 64, kind, **opts)
-        feats = emb.freq(time_to_tau(t, **opts))
-        out = emb(t)
+        emb = TimeEmbedding(32, 64, kind)
+        tau = opts.c_noise(t).float()
+        feats = emb.freq(tau)
+        out = emb(tau)
         assert out.shape == (1000, 32) and torch.isfinite(out).all()
         # neighbouring times get distinct features: the smallest gap is far above float32 rounding
         gaps = (feats[1:] - feats[:-1]).norm(dim=1)
         assert gaps.min() > 1e-3, (opts, kind, float(gaps.min()))
-    assert time_options("ddpm", T=1000) == {"time_input": "linear", "time_scale": 1e-3}
-    assert time_options("edm") == {"time_input": "log", "time_scale": 0.25}
-    with pytest.raises(ValueError, match="unknown path"):
-        time_options("nope")
+    k = torch.arange(0, 1000, dtype=torch.float64)
+    torch.testing.assert_close(DDPMDiscrete(T=1000).c_noise(k), k / 1000)
+    assert DDPMDiscrete(T=100).c_noise(torch.tensor(99.0)) < 1  # tau in [0, 1) whatever T
+    sig = torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64)
+    torch.testing.assert_close(EDM().c_noise(sig), 0.25 * sig.log())
 
 
 def test_scalar_t_is_broadcast():
@@ -160,8 +163,6 @@ def test_null_label_row_and_default():
         (UNetConfig, dict(norm="batch"), "norm"),
         (UNetConfig, dict(patch_size=0), "patch_size"),
         (UNetConfig, dict(pixel_channels=-1), "pixel_channels"),
-        (UNetConfig, dict(time_input="sqrt"), "time_input"),
-        (UNetConfig, dict(time_scale=0.0), "time_scale"),
         (UNetConfig, dict(time_embedding="learned"), "time_embedding"),
         (MLPConfig, dict(width=-3), "width"),
         (MLPConfig, dict(num_classes=-1), "num_classes"),
@@ -171,6 +172,12 @@ def test_null_label_row_and_default():
 def test_config_validation_names_the_field(cls, bad, field):
     with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}"):
         cls(**bad)
+
+
+@pytest.mark.parametrize("gone", ["bf16", "time_input", "time_scale"])
+def test_removed_net_fields_say_where_the_choice_lives_now(gone):
+    with pytest.raises(ValueError, match=rf"{gone}.*(train\.precision|c_noise)"):
+        UNetConfig.from_dict({gone: True})
 
 
 def test_config_dict_round_trip_and_unknown_keys():
@@ -188,7 +195,7 @@ def test_config_dict_round_trip_and_unknown_keys():
 
 # ---------------------------------------------------------------------------------- gradients, determinism
 @pytest.mark.parametrize("make", [lambda: tiny_unet(zero_init=False, num_classes=3),
-                                  lambda: tiny_unet(zero_init=False, patch_size=2, bf16=True),
+                                  lambda: tiny_unet(zero_init=False, patch_size=2),
                                   lambda: MLP(MLPConfig(width=16, depth=2, num_classes=3, zero_init=False))])
 def test_gradients_reach_every_parameter(make):
     torch.manual_seed(0)
@@ -196,7 +203,9 @@ def test_gradients_reach_every_parameter(make):
     x = torch.randn(2, 2) if isinstance(net, MLP) else torch.randn(2, 1, 8, 8)
     x.requires_grad_(True)
     y = torch.tensor([0, 2]) if net.cfg.num_classes else None
-    net(x, torch.rand(2), y).square().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=net.cfg.patch_size == 2 if hasattr(net.cfg, "patch_size") else False):
+        out = net(x, torch.rand(2), y)  # the patch-2 case under the caller's bf16 autocast
+    out.square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     for name, p in net.named_parameters():
         if name.startswith("label_embed"):

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import make_time_sampler
-from ..nets.embeddings import time_options
 from ..nets.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
 from ..paths import make_path
 from ..random import Generator, randn_like
@@ -62,8 +61,7 @@ class NoisyClassifierFamily:
         self.num_classes = num_classes  # number of logits
         self.path = make_path(self.cfg.path, **self.cfg.path_options)
         self.time_sampler = make_time_sampler(self.cfg.time_sampler, **self.cfg.time_sampler_options)
-        T = int(self.cfg.path_options.get("T", 1000))
-        opts = {**time_options(self.cfg.path, T), **self.cfg.net_options, "num_classes": num_classes}
+        opts = {**self.cfg.net_options, "num_classes": num_classes}
         try:
             self.net = NoisyClassifier(NoisyClassifierConfig.from_dict(opts), self.data_shape)
         except (ValueError, TypeError) as e:
@@ -90,7 +88,7 @@ class NoisyClassifierFamily:
         t = self.time_sampler(x0.shape[0], self.path, ctx.generator).to(x0.device)  # (B,) float64
         x_t = self.noised(x0, t, ctx.generator)
         with ctx.autocast():
-            logits = modules["net"](x_t, t.to(x0.dtype))  # (B, K)
+            logits = modules["net"](x_t, self.path.c_noise(t).to(x0.dtype))  # (B, K)
         loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         gn = ctx.optimize(loss, "main")
         acc = (logits.detach().argmax(-1) == y).float().mean()
@@ -106,7 +104,7 @@ class NoisyClassifierFamily:
             if t.ndim == 0:
                 t = t.expand(x.shape[0])
             dt = net.head.weight.dtype
-            return net(x.to(dt), t.to(dt))
+            return net(x.to(dt), self.path.c_noise(t).to(dt))
 
         return f
 

@@ -103,7 +103,7 @@ class DiffusionFamily:
         self.path = make_path(self.cfg.path, **self.cfg.path_options)
         self.time_sampler = make_time_sampler(self.cfg.time_sampler, **self.cfg.time_sampler_options)
         try:
-            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data_shape, self.num_classes, self.cfg.path)
+            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data_shape, self.num_classes)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.net_options: {e}") from None
 

@@ -74,7 +74,7 @@ class VDMFamily(DiffusionFamily):
             self.schedule.requires_grad_(False)
         self.path = LearnedVPPath(self.schedule)
         try:
-            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data_shape, self.num_classes, "vp")
+            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data_shape, self.num_classes)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.net_options: {e}") from None
 

@@ -1,7 +1,7 @@
-"""Networks only (no diffusion maths): every denoiser is ``net(x, t, y=None) -> same shape as x``.
+"""Networks only (no diffusion maths): every denoiser is ``net(x, tau, y=None) -> same shape as x``.
 
-``t: (B,)`` is in the path's own units; each net maps it to an order-one ``tau`` with its config's
-``time_input`` / ``time_scale`` (see :mod:`scorelab.nets.embeddings` and :func:`time_options`).
+``tau: (B,)`` is an order-one time input computed by the caller (``path.c_noise(t)``, applied by
+:class:`~scorelab.targets.Denoiser`); nets know neither the path nor the precision.
 ``y: (B,)`` long labels in ``0..num_classes``; ``num_classes`` is the learned null label.
 """
 
@@ -12,7 +12,6 @@ from .embeddings import (
     SinusoidalEmbedding,
     TimeEmbedding,
     sinusoidal_embedding,
-    time_options,
 )
 from .mlp import MLP, MLPConfig
 from .unet import UNet, UNetConfig
@@ -24,7 +23,6 @@ __all__ = [
     "SinusoidalEmbedding",
     "TimeEmbedding",
     "sinusoidal_embedding",
-    "time_options",
     "MLP",
     "MLPConfig",
     "UNet",

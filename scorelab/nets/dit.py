@@ -28,8 +28,8 @@ num_classes`` or ``y=None``) maps to a single learned null token. Users with the
 pass ``net(x, t, context=(B, L, context_dim), context_mask=(B, L) bool)`` instead of ``y``
 (``context_dim`` defaults to ``hidden``; another width is projected by a learned linear).
 
-``bf16=True`` runs the body under bfloat16 autocast like :class:`~scorelab.nets.unet.UNet`; the
-time frequencies and the returned output stay in x's dtype.
+Precision is the caller's (``train.precision``): the time frequencies and the returned output stay
+in x's dtype under any autocast.
 
 Speed on CPU (training steps, 28x28x1, batch 128, bf16, AdamW; measured on the shared 2-core
 machine under load ~5.5, so only the ratios mean much): UNet default 1.19M params 27 img/s;
@@ -78,7 +78,6 @@ class DiTConfig(NetConfigBase):
     max_tokens: int = 16  # longest class-name token sequence (longer names are truncated)
     text_layers: int = 1  # pre-LN transformer layers over the class-name tokens (0: embeddings only)
     context_dim: int = 0  # width of an explicit `context` passed to forward (0: hidden)
-    bf16: bool = True  # run the body under bfloat16 autocast (output returned in x's dtype)
 
     def __post_init__(self):
         super().__post_init__()
@@ -322,7 +321,7 @@ class DiT(nn.Module):
         self.pos = None
         if cfg.pos_embedding == "learned":
             self.pos = nn.Parameter(sincos_pos_embedding_2d(cfg.image_size // p, cfg.image_size // p, D)[None].clone())  # (1, N, D)
-        self.time_embed = TimeEmbedding(D, cfg.freq_dim or D, cfg.time_embedding, cfg.time_input, cfg.time_scale, cfg.fourier_scale)
+        self.time_embed = TimeEmbedding(D, cfg.freq_dim or D, cfg.time_embedding, cfg.fourier_scale)
         cross = cfg.conditioning == "cross"
         self.label_embed = LabelEmbedding(cfg.num_classes, D) if cfg.num_classes and not cross else None
         self.names = None
@@ -389,12 +388,11 @@ class DiT(nn.Module):
         elif y is not None:
             raise ValueError("y given but the net is unconditional (num_classes=0)")
         h, w = H // p, W // p
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            tok = self.patch(x).flatten(2).transpose(1, 2)  # (B, N, D), N = h w row-major
-            pos = self.pos if self.pos is not None else sincos_pos_embedding_2d(h, w, cfg.hidden, x.device)[None]
-            tok = tok + pos.to(tok.dtype)
-            for blk in self.blocks:
-                tok = blk(tok, c, ctx, mask)
-            out = self.final(tok, c)  # (B, N, p p C)
-            out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        tok = self.patch(x).flatten(2).transpose(1, 2)  # (B, N, D), N = h w row-major
+        pos = self.pos if self.pos is not None else sincos_pos_embedding_2d(h, w, cfg.hidden, x.device)[None]
+        tok = tok + pos.to(tok.dtype)
+        for blk in self.blocks:
+            tok = blk(tok, c, ctx, mask)
+        out = self.final(tok, c)  # (B, N, p p C)
+        out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
         return out.to(x.dtype).contiguous()  # (B, C, H, W)

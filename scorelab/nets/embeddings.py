@@ -1,22 +1,10 @@
 """Time and label embeddings shared by every denoising network.
 
-A denoising net is called as ``net(x, t, y=None)`` with ``t: (B,)`` in the path's *own* units:
-``[0, 1]`` for the continuous paths, step indices ``0..T-1`` for discrete DDPM, noise levels
-``sigma in [0.002, 80]`` for EDM. The network first maps ``t`` to an order-one number ``tau``
-
-    linear:  tau = time_scale * t
-    log:     tau = time_scale * ln(max(t, LOG_TIME_FLOOR))
-
-and embeds ``tau`` with a fixed frequency map, then a learned two-layer MLP. Recommended settings
-(see :func:`time_options`):
-
-============================== ========== ============ =====================================
-path (units of ``t``)          time_input time_scale   tau range
-============================== ========== ============ =====================================
-vp, cosine, subvp, ve, rf      linear     1            [0, 1]
-ddpm (integer steps 0..T-1)    linear     1/T          [0, 1)
-edm (sigma)                    log        1/4          [-1.55, 1.10]  (EDM's c_noise)
-============================== ========== ============ =====================================
+A denoising net is called as ``net(x, tau, y=None)`` with ``tau: (B,)`` an order-one time input
+that the caller computes: :class:`~scorelab.targets.Denoiser` passes ``path.c_noise(t)`` (the
+path's time in ``[0, 1]``, DDPM's ``t / T``, EDM's ``ln(sigma) / 4``; EDM keeps this map in its
+preconditioning, and so do we), so no network knows which path it serves. The net embeds
+``tau`` with a fixed frequency map, then a learned two-layer MLP.
 
 Frequency maps (both give ``dim`` features):
 
@@ -29,7 +17,9 @@ Frequency maps (both give ``dim`` features):
   (a buffer, saved in the state dict), ``scale = 16`` as in Song et al.
 
 Frequencies are always evaluated in at least float32 (``sin`` of large arguments in bfloat16 is
-meaningless), outside any autocast region.
+meaningless), outside any autocast region. Precision is the caller's: nets hold no precision
+switch; the trainer and the samplers run them under ``torch.autocast`` when ``train.precision``
+resolves to bf16 (see :mod:`scorelab.train.precision`).
 
 Labels: :class:`LabelEmbedding` holds ``num_classes + 1`` rows; row ``num_classes`` is the learned
 *null* label used for unconditional prediction in classifier-free guidance (Ho & Salimans 2022).
@@ -45,12 +35,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "LOG_TIME_FLOOR",
     "SINUSOIDAL_SCALE",
     "TIME_EMBEDDINGS",
-    "TIME_INPUTS",
-    "time_options",
-    "time_to_tau",
     "sinusoidal_embedding",
     "SinusoidalEmbedding",
     "GaussianFourierEmbedding",
@@ -59,45 +45,12 @@ __all__ = [
     "NetConfigBase",
 ]
 
-LOG_TIME_FLOOR = 1e-8  # t is clamped to this before the log (sigma = 0 stays finite)
 SINUSOIDAL_SCALE = 1000.0  # tau in [0, 1] -> positions 0..1000 for the sinusoidal map
 TIME_EMBEDDINGS = ("sinusoidal", "fourier")
-TIME_INPUTS = ("linear", "log")
-
-
-def time_options(path: str, T: int = 1000) -> dict:
-    """Recommended ``time_input`` and ``time_scale`` for a path registry name (see module table).
-
-    ``T`` is the number of steps of the discrete ``ddpm`` path. Returns a dict to merge into a
-    net config, e.g. ``UNetConfig(**time_options("edm"))``.
-    """
-    unit = {"time_input": "linear", "time_scale": 1.0}
-    table = {
-        "vp": unit,
-        "cosine": unit,
-        "subvp": unit,
-        "ve": unit,
-        "rf": unit,
-        "ddpm": {"time_input": "linear", "time_scale": 1.0 / T},
-        "edm": {"time_input": "log", "time_scale": 0.25},
-    }
-    if path not in table:
-        raise ValueError(f"time_options: unknown path {path!r}: expected one of {', '.join(table)}")
-    return dict(table[path])
 
 
 def _freq_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def time_to_tau(t: Tensor, time_input: str = "linear", time_scale: float = 1.0) -> Tensor:
-    """``tau`` (B,) from ``t`` (B,): ``time_scale * t`` or ``time_scale * ln(max(t, LOG_TIME_FLOOR))``."""
-    t = t.to(_freq_dtype(t))
-    if time_input == "linear":
-        return time_scale * t
-    if time_input == "log":
-        return time_scale * torch.log(t.clamp_min(LOG_TIME_FLOOR))
-    raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
 
 
 def sinusoidal_embedding(pos: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -152,31 +105,19 @@ class GaussianFourierEmbedding(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """``t: (B,)`` in path units -> ``(B, out_dim)``: tau map, frequency features, Linear-SiLU-Linear."""
+    """``tau: (B,)`` (order one, see the module docstring) -> ``(B, out_dim)``: frequency features, Linear-SiLU-Linear."""
 
-    def __init__(
-        self,
-        out_dim: int,
-        freq_dim: int = 128,
-        kind: str = "sinusoidal",
-        time_input: str = "linear",
-        time_scale: float = 1.0,
-        fourier_scale: float = 16.0,
-    ):
+    def __init__(self, out_dim: int, freq_dim: int = 128, kind: str = "sinusoidal", fourier_scale: float = 16.0):
         super().__init__()
         if kind not in TIME_EMBEDDINGS:
             raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {kind!r}")
-        if time_input not in TIME_INPUTS:
-            raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
-        self.time_input = time_input  # "linear": tau = scale t; "log": tau = scale ln t
-        self.time_scale = time_scale  # maps the path's t to an order-one tau
         self.freq = SinusoidalEmbedding(freq_dim) if kind == "sinusoidal" else GaussianFourierEmbedding(freq_dim, fourier_scale)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
-    def forward(self, t: Tensor) -> Tensor:
-        if t.ndim != 1:
-            raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
-        feats = self.freq(time_to_tau(t, self.time_input, self.time_scale))  # (B, freq_dim)
+    def forward(self, tau: Tensor) -> Tensor:
+        if tau.ndim != 1:
+            raise ValueError(f"t must have shape (B,), got {tuple(tau.shape)}")
+        feats = self.freq(tau.to(_freq_dtype(tau)))  # (B, freq_dim)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))  # (B, out_dim)
 
 
@@ -220,21 +161,20 @@ class NetConfigBase:
 
     num_classes: int = 0  # number of class labels (0: unconditional); row num_classes is the null label
     time_embedding: str = "sinusoidal"  # frequency map of tau: "sinusoidal" (DDPM) or "fourier" (Song et al.)
-    time_input: str = "linear"  # "linear": tau = time_scale t; "log": tau = time_scale ln t (EDM c_noise)
-    time_scale: float = 1.0  # brings the path's t to an order-one tau (see time_options)
     fourier_scale: float = 16.0  # std of the Gaussian Fourier frequencies (Song et al.: 16)
 
     def __post_init__(self):
         _check(self, "num_classes", self.num_classes >= 0, "must be >= 0")
         _check(self, "time_embedding", self.time_embedding in TIME_EMBEDDINGS, f"must be one of {TIME_EMBEDDINGS}")
-        _check(self, "time_input", self.time_input in TIME_INPUTS, f"must be one of {TIME_INPUTS}")
-        _check(self, "time_scale", math.isfinite(self.time_scale) and self.time_scale > 0, "must be a positive number")
         _check(self, "fourier_scale", self.fourier_scale > 0, "must be positive")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
         """Build from a plain dict (e.g. parsed YAML); lists become tuples; unknown keys are an error."""
         names = {f.name for f in fields(cls)}
+        for gone, why in REMOVED_FIELDS.items():
+            if gone in d:
+                raise ValueError(f"{cls.__name__}: field {gone!r} was removed: {why}")
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
@@ -243,6 +183,13 @@ class NetConfigBase:
     def to_dict(self) -> dict:
         """Plain-Python dict (tuples as lists) that :meth:`from_dict` reads back."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+REMOVED_FIELDS = {
+    "bf16": "precision is one switch for the whole run, train.precision: auto | fp32 | bf16 (auto measures which is faster here)",
+    "time_input": "the net's time input is the path's c_noise (scorelab.paths.Path.c_noise), applied by the Denoiser",
+    "time_scale": "the net's time input is the path's c_noise (scorelab.paths.Path.c_noise), applied by the Denoiser",
+}
 
 
 def _check(cfg, name: str, ok: bool, what: str) -> None:

@@ -70,7 +70,7 @@ class MLP(nn.Module):
         super().__init__()
         cfg = cfg if cfg is not None else MLPConfig(**overrides)
         self.cfg = cfg
-        self.time_embed = TimeEmbedding(cfg.emb_dim, cfg.freq_dim, cfg.time_embedding, cfg.time_input, cfg.time_scale, cfg.fourier_scale)
+        self.time_embed = TimeEmbedding(cfg.emb_dim, cfg.freq_dim, cfg.time_embedding, cfg.fourier_scale)
         self.label_embed = LabelEmbedding(cfg.num_classes, cfg.emb_dim) if cfg.num_classes else None
         self.emb_act = nn.SiLU()
         self.inp = nn.Linear(cfg.dim, cfg.width)

@@ -1,8 +1,7 @@
 """Noise-aware classifiers ``f(x_t, t) -> logits (B, num_classes)`` for classifier guidance.
 
 The classifier sees noised data ``x_t = alpha x_0 + sigma eps`` and the time ``t`` in the path's
-own units (embedded as in the denoising nets: :class:`~scorelab.nets.embeddings.TimeEmbedding`
-with ``time_input`` / ``time_scale`` from :func:`~scorelab.nets.embeddings.time_options`).
+order-one time input ``path.c_noise(t)`` (embedded as in the denoising nets: :class:`~scorelab.nets.embeddings.TimeEmbedding`).
 Guidance (:class:`scorelab.guidance.ClassifierGuidance`) differentiates ``log softmax(f)[y]``
 with respect to ``x_t``, so every layer is smooth (SiLU, no max-pooling).
 
@@ -35,7 +34,7 @@ __all__ = ["NoisyClassifierConfig", "NoisyClassifier"]
 class NoisyClassifierConfig(NetConfigBase):
     """Config of :class:`NoisyClassifier`; ``num_classes`` is the number of logits (>= 2).
 
-    Time fields (``time_embedding``, ``time_input``, ``time_scale``) as for every denoising net.
+    Time fields (``time_embedding``, ``fourier_scale``) as for every denoising net.
     """
 
     width: int = 128  # MLP (flat data): hidden width W
@@ -101,7 +100,7 @@ class NoisyClassifier(nn.Module):
         self.config = config
         self.data_shape = tuple(data_shape)
         cfg = config
-        self.time = TimeEmbedding(cfg.emb_dim, cfg.freq_dim, cfg.time_embedding, cfg.time_input, cfg.time_scale, cfg.fourier_scale)
+        self.time = TimeEmbedding(cfg.emb_dim, cfg.freq_dim, cfg.time_embedding, cfg.fourier_scale)
         self.dropout = nn.Dropout(cfg.dropout)
         if len(self.data_shape) == 1:
             self.kind = "mlp"

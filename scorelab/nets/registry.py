@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import nn
 
 from .dit import DiT, DiTConfig
-from .embeddings import time_options
 from .mlp import MLP, MLPConfig
 from .unet import UNet, UNetConfig
 
@@ -14,14 +13,12 @@ __all__ = ["NETS", "build_net"]
 NETS = {"mlp": (MLP, MLPConfig), "unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig)}
 
 
-def build_net(name: str, options: dict, data_shape: tuple, num_classes: int = 0, path: str | None = None) -> nn.Module:
-    """A net for data of ``data_shape`` (without batch); the data fixes its input size and the
-    path fixes its time input (``time_options``) unless ``options`` say otherwise."""
+def build_net(name: str, options: dict, data_shape: tuple, num_classes: int = 0) -> nn.Module:
+    """A net for data of ``data_shape`` (without batch): the data fixes its input size."""
     if name not in NETS:
         raise ValueError(f"unknown net {name!r}: expected one of {', '.join(NETS)}")
     cls, cfg_cls = NETS[name]
-    opts = dict(time_options(path) if path else {})
-    opts.update(options or {})
+    opts = dict(options or {})
     if name == "mlp":
         if len(data_shape) != 1:
             raise ValueError(f"net 'mlp' needs flat data (D,), got shape {tuple(data_shape)}")

@@ -25,12 +25,10 @@ so the levers are fewer convolution FLOPs and bfloat16:
 
 * ``patch_size=2`` (patchify stem: 2x2 pixels -> one cell) runs the whole U-Net on 14x14 for
   28x28 images: 4x fewer FLOPs at the same parameter count, 2.7x the img/s.
-* ``bf16=True`` runs the body under bfloat16 autocast (oneDNN/AMX convolutions and matmuls):
-  1.7-2.3x the img/s of float32. The time frequencies, the output and everything outside the net
-  stay float32. Prefer this switch to a trainer-wide autocast: the loss and the samplers never
-  see bfloat16 and sampling gets the same speed-up (a trainer's autocast around the net is
-  harmless and has the same effect). Set ``bf16=False`` where the raw output's accuracy matters
-  more than speed, e.g. likelihoods through the probability-flow ODE.
+* bfloat16 autocast (oneDNN/AMX convolutions and matmuls) gave 1.7-2.3x the img/s of float32 on
+  that AMX machine and is ~14x slower than float32 on an AVX2-only AMD EPYC: the net holds no
+  precision switch; ``train.precision: auto`` measures it where it runs (the time frequencies and
+  the returned output stay float32 either way).
 * ``num_res_blocks=1`` (1 block down, 2 up per level): 1.5x the img/s of 2 blocks, and at equal
   wall time it trained at least as well.
 * ``channels_last=True`` speeds up oneDNN convolutions, but PyTorch's CPU GroupNorm is ~10x
@@ -39,7 +37,7 @@ so the levers are fewer convolution FLOPs and bfloat16:
 * ``torch.compile`` did not speed up a step measurably and takes minutes to compile.
 
 Defaults (``UNetConfig()`` == ``UNetConfig.default_fmnist()``): base 32, levels (1, 2, 2), one
-block per level down (two up), attention on the 4x4 grid and in the middle, patch 2, bf16:
+block per level down (two up), attention on the 4x4 grid and in the middle, patch 2:
 1.19M parameters, ~475 img/s, 7x ``diffusers.UNet2DModel`` with the same layout on pixels
 (1.62M parameters, float32) and 5x it under bfloat16 autocast. It gave recognisable
 Fashion-MNIST samples after 220 s of training. With ``patch_size=2`` early samples show a faint
@@ -81,7 +79,6 @@ class UNetConfig(NetConfigBase):
     patch_size: int = 2  # patchify stem: p x p pixels -> one grid cell (H and W divisible by p)
     pixel_channels: int = 0  # with patch_size > 1: unpatchify to this many channels, then a full-resolution conv3x3 (0: none)
     zero_init: bool = True  # start the last layer of each residual/attention branch and the head at zero
-    bf16: bool = True  # run the body under bfloat16 autocast (output returned in x's dtype)
     channels_last: bool = False  # NHWC activations and weights (faster oneDNN convolutions on CPU)
 
     def __post_init__(self):
@@ -235,8 +232,7 @@ class UNet(nn.Module):
         chans, nblocks = cfg.channels, cfg.blocks_per_level
         emb_dim = cfg.emb_dim or 4 * cfg.base_channels
         out_ch = cfg.out_channels or cfg.in_channels
-        self.time_embed = TimeEmbedding(emb_dim, cfg.freq_dim or cfg.base_channels, cfg.time_embedding, cfg.time_input,
-                                        cfg.time_scale, cfg.fourier_scale)
+        self.time_embed = TimeEmbedding(emb_dim, cfg.freq_dim or cfg.base_channels, cfg.time_embedding, cfg.fourier_scale)
         self.label_embed = LabelEmbedding(cfg.num_classes, emb_dim) if cfg.num_classes else None
 
         def block(c_in, c_out):
@@ -291,32 +287,31 @@ class UNet(nn.Module):
             e = e + self.label_embed(y, B, x.device)
         elif y is not None:
             raise ValueError("y given but the net is unconditional (num_classes=0)")
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            e = F.silu(e)
-            h = F.pixel_unshuffle(x, p) if p > 1 else x  # (B, C p^2, H/p, W/p)
-            if cfg.channels_last:
-                h = h.contiguous(memory_format=torch.channels_last)
-            h = self.stem(h)
-            skips = [h]
-            for m in self.down:
-                if isinstance(m, Downsample):
-                    h = m(h)
-                else:
-                    for layer in m:
-                        h = layer(h, e)
-                skips.append(h)
-            for layer in self.mid:
-                h = layer(h, e)
-            for m in self.up:
-                if isinstance(m, Upsample):
-                    h = m(h, skips[-1].shape[-2:])
-                else:
-                    h = torch.cat([h, skips.pop()], dim=1)
-                    for layer in m:
-                        h = layer(h, e)
-            h = self.head(h)  # (B, C_out p^2, H/p, W/p)  or  (B, k p^2, H/p, W/p)
-            if p > 1:
-                h = F.pixel_shuffle(h, p)  # (B, C_out or k, H, W)
-            if self.pixel_head is not None:
-                h = self.pixel_head(h)  # (B, C_out, H, W)
+        e = F.silu(e)
+        h = F.pixel_unshuffle(x, p) if p > 1 else x  # (B, C p^2, H/p, W/p)
+        if cfg.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        h = self.stem(h)
+        skips = [h]
+        for m in self.down:
+            if isinstance(m, Downsample):
+                h = m(h)
+            else:
+                for layer in m:
+                    h = layer(h, e)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, e)
+        for m in self.up:
+            if isinstance(m, Upsample):
+                h = m(h, skips[-1].shape[-2:])
+            else:
+                h = torch.cat([h, skips.pop()], dim=1)
+                for layer in m:
+                    h = layer(h, e)
+        h = self.head(h)  # (B, C_out p^2, H/p, W/p)  or  (B, k p^2, H/p, W/p)
+        if p > 1:
+            h = F.pixel_shuffle(h, p)  # (B, C_out or k, H, W)
+        if self.pixel_head is not None:
+            h = self.pixel_head(h)  # (B, C_out, H, W)
         return h.to(x.dtype).contiguous()  # (B, C_out, H, W)
