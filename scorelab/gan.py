@@ -238,7 +238,7 @@ class DiscriminatorTerms:
     def metrics(self) -> dict:
         """Floats for logging: ``d_loss``, ``d_real`` = mean D(x), ``d_fake`` = mean D(G(z)), ``value`` = V, ``r1``."""
         out = {
-            "d_loss": float(self.loss.mean()),
+            "d_loss": float(self.loss.detach().mean()),
             "d_real": float(torch.sigmoid(self.real_logits).mean()),
             "d_fake": float(torch.sigmoid(self.fake_logits).mean()),
             "value": float(game_value(self.real_logits, self.fake_logits).mean()),
@@ -257,7 +257,7 @@ class GeneratorTerms:
 
     def metrics(self) -> dict:
         """Floats for logging: ``g_loss`` and ``d_fake`` = mean D(G(z)) as the generator saw it."""
-        return {"g_loss": float(self.loss.mean()), "d_fake": float(torch.sigmoid(self.fake_logits).mean())}
+        return {"g_loss": float(self.loss.detach().mean()), "d_fake": float(torch.sigmoid(self.fake_logits).mean())}
 
 
 def _call(D: Callable, x: Tensor, y: Tensor | None) -> Tensor:
