@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["CPU_FLAGS", "cpu_model", "cpu_flags", "machine_info", "machine_line"]
+__all__ = ["CPU_FLAGS", "cpu_model", "cpu_flags", "machine_info", "machine_line", "cache_dir"]
 
 # the instruction-set flags that decide float32 / bfloat16 speed on x86 CPUs
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -65,3 +65,16 @@ def machine_line(info: dict | None = None) -> str:
     extra = f", GPU {info['cuda']}" if info.get("cuda") else ""
     env = "".join(f", {k}={v}" for k, v in info.get("isa_env", {}).items())
     return f"{info['cpu']} [{flags}], torch {info['torch']}, {info['threads']} threads{extra}{env}"
+
+
+def cache_dir(sub: str = "") -> "os.PathLike":
+    """scorelab's per-user cache folder (``$SCORELAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/scorelab``,
+    else ``~/.cache/scorelab``), with ``sub`` appended; not created here."""
+    from pathlib import Path
+
+    root = os.environ.get("SCORELAB_CACHE_DIR")
+    if root:
+        base = Path(root)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scorelab"
+    return base / sub if sub else base

@@ -1,12 +1,16 @@
 """Pictures: image grids, 2-D scatter plots, loss curves and interpolation strips (PNG).
 
-Matplotlib runs with the Agg backend (no screen needed); image grids are written with PIL.
+Matplotlib runs with the Agg backend (no screen needed); image grids are written with PIL. Every
+file is written to a temporary name in its folder and renamed, so an interruption or a full disk
+never leaves a half-written picture or array.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,21 @@ from torch import Tensor
 
 from .quantize import to_uint8
 
-__all__ = ["image_grid", "save_image_grid", "save_scatter", "plot_loss_curve", "save_samples"]
+__all__ = ["image_grid", "save_image_grid", "save_scatter", "plot_loss_curve", "save_samples", "atomic_save", "atomic_path"]
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to ``path`` (same suffix); rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def image_grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -40,10 +58,9 @@ def save_image_grid(x: Tensor, path, nrow: int | None = None, scale: int = 2) ->
     img = Image.fromarray(g)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    with atomic_path(path) as tmp:
+        img.save(tmp)
+    return Path(path)
 
 
 def _plt():
@@ -69,11 +86,10 @@ def save_scatter(x: Tensor, path, reference: Tensor | None = None, title: str = 
     if reference is not None:
         ax.legend(loc="upper right", markerscale=4, fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_loss_curve(metrics_jsonl, path) -> Path | None:
@@ -101,7 +117,8 @@ def plot_loss_curve(metrics_jsonl, path) -> Path | None:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return Path(path)
 
@@ -113,3 +130,13 @@ def save_samples(x: Tensor, path, reference: Tensor | None = None, nrow: int | N
     if x.ndim == 2 and x.shape[1] == 2:
         return save_scatter(x, path, reference, title)
     raise ValueError(f"cannot draw samples of shape {tuple(x.shape)}")
+
+
+def atomic_save(x: Tensor, path, labels: Tensor | None = None, nrow: int | None = None, title: str = "") -> Path:
+    """Samples ``x`` as a ``.npz`` (``samples``, ``labels``) or a picture (:func:`save_samples`), atomically."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, samples=x.numpy(), labels=(labels.numpy() if labels is not None else np.zeros(0)))
+        return path
+    return save_samples(x, path, nrow=nrow, title=title)

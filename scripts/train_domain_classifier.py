@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from scorelab.data.images import load_fashion_mnist
-from scorelab.nets.classifier import DOMAIN_CLASSIFIERS, LeNet, LeNetConfig, config_dict
+from scorelab.nets.classifier import DOMAIN_CLASSIFIERS, LeNetConfig, config_dict, fit_lenet, lenet_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 NORMALISATION = "x = uint8_pixel / 127.5 - 1, shape (B, 1, 28, 28), values in [-1, 1]"
@@ -32,13 +31,6 @@ def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images (N, 1, 28, 28) float32 in [-1, 1], labels (N,) int64)`` of split ``train`` / ``test``."""
     ds = load_fashion_mnist(data_dir, split=split)
     return ds.float_images(), ds.targets()
-
-
-@torch.no_grad()
-def accuracy(model: LeNet, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    model.eval()
-    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
-    return correct / len(x)
 
 
 def main(argv=None) -> dict:
@@ -60,40 +52,22 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
-    gen = torch.Generator().manual_seed(args.seed)
 
     x_train, y_train = load_split(args.data_dir, "train")
     x_test, y_test = load_split(args.data_dir, "test")
     print(f"train {tuple(x_train.shape)}  test {tuple(x_test.shape)}", flush=True)
 
-    model = LeNet(LeNetConfig(channels=args.channels, feature_dim=args.feature_dim, n_classes=10))
-    steps_per_epoch = (len(x_train) + args.batch_size - 1) // args.batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
-
     t0 = time.time()
-    for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
-        total, n = 0.0, 0
-        for i in range(0, len(x_train), args.batch_size):
-            idx = perm[i : i + args.batch_size]
-            x, y = x_train[idx], y_train[idx]  # (B, 1, 28, 28), (B,)
-            if args.hflip > 0:
-                flip = torch.rand(len(x), generator=gen) < args.hflip
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(x)
-            n += len(x)
-        acc = accuracy(model, x_test, y_test)
-        print(f"epoch {epoch + 1}/{args.epochs}  train loss {total / n:.4f}  test acc {acc:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+
+    def report(epoch: int, loss: float) -> None:
+        print(f"epoch {epoch + 1}/{args.epochs}  train loss {loss:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+
+    model = fit_lenet(LeNetConfig(channels=args.channels, feature_dim=args.feature_dim, n_classes=10), x_train, y_train,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      hflip=args.hflip, seed=args.seed, on_epoch=report)
     train_seconds = time.time() - t0
 
-    test_acc = accuracy(model, x_test, y_test)
+    test_acc = lenet_accuracy(model, x_test, y_test)
     stem = DOMAIN_CLASSIFIERS[args.name]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     weights = args.out_dir / f"{stem}.safetensors"

@@ -118,6 +118,6 @@ def test_preset_sampler_options_stay_with_their_sampler():
                        "net_options": {"width": 16, "depth": 1}, "sampler": "annealed_langevin", "sampling_steps": 3,
                        "sampler_options": {"n_steps_each": 2}}, (2,))
     mods = fam.modules()
-    a = fam.sample(mods, 8, generator=0)
-    b = fam.sample(mods, 8, generator=0, sampler="dpmpp_2m", steps=3, grid="karras")
+    a = fam.sample(mods, 8, seed=0)
+    b = fam.sample(mods, 8, seed=0, sampler="dpmpp_2m", steps=3, grid="karras")
     assert a.shape == b.shape == (8, 2) and torch.isfinite(a).all() and torch.isfinite(b).all()

@@ -300,7 +300,7 @@ def test_noisy_classifier_conv_net_shapes_and_time_dependence():
 def test_noisy_classifier_runs_in_the_trainer_and_reopens(tmp_path):
     import yaml
 
-    from scorelab.cli import open_run
+    from scorelab.runs import open_run
     from scorelab.data import load_dataset
     from scorelab.families import make_family
     from scorelab.train.config import RunConfig
@@ -318,7 +318,8 @@ def test_noisy_classifier_runs_in_the_trainer_and_reopens(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "accuracy" in lines[-1]
-    _, fam2, mods, _ = open_run(str(tmp_path))
+    opened = open_run(str(tmp_path))
+    fam2, mods = opened.family, opened.modules
     assert fam2.num_classes == 8 and isinstance(fam2.path, type(fam.path))
     ema = tr.sampling_modules()["net"].state_dict()
     for k, v in mods["net"].state_dict().items():

@@ -296,7 +296,7 @@ def test_langevin_on_known_energy_reproduces_gaussian_moments():
     fam = make_family({"family": "score_matching", "model": "energy"}, (2,))
     q = QuadraticEnergy(P, P @ MU)
     eps, n = 0.1, 4000
-    x = fam.sample({"net": q}, n, generator=0, steps=600, step_size=eps, init_std=1.0)
+    x = fam.sample({"net": q}, n, seed=0, steps=600, step_size=eps, init_std=1.0)
     l, U = torch.linalg.eigh(P)
     C = U @ torch.diag(1 / (l * (1 - eps * l / 4))) @ U.T
     x = x.to(F)
@@ -328,7 +328,7 @@ def test_family_training_step_every_loss(loss, model):
     out = fam.training_step(mods, {"x": torch.randn(16, 2)}, _Ctx())
     assert torch.isfinite(out["loss"])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mods["net"].parameters())
-    x = fam.sample(mods, 5, generator=0, steps=3)
+    x = fam.sample(mods, 5, seed=0, steps=3)
     assert x.shape == (5, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
 
 

@@ -283,10 +283,10 @@ def test_vdm_family_step_variance_gradient_sample_and_nll():
     want = torch.autograd.grad(ld.pow(2).mean(), shape)
     for p, w in zip(shape, want):
         torch.testing.assert_close(grads[id(p)], w, rtol=1e-5, atol=1e-8)
-    y = fam.sample(mods, 10, generator=0)
+    y = fam.sample(mods, 10, seed=0)
     assert y.shape == (10, 2) and torch.isfinite(y).all()
-    torch.testing.assert_close(fam.sample(mods, 3, generator=0), y[:3])  # per-example seeds
-    nll = fam.nll(mods, x[:20], generator=0, batch_size=8)
+    torch.testing.assert_close(fam.sample(mods, 3, seed=0), y[:3])  # per-example seeds
+    nll = fam.nll(mods, x[:20], seed=0, batch_size=8)
     assert nll["total"].shape == (20,) and nll["units"] == "nats"
     torch.testing.assert_close(nll["total"], nll["prior"] + nll["reconstruction"] + nll["diffusion"])
-    torch.testing.assert_close(fam.nll(mods, x[:20], generator=0, batch_size=20)["total"], nll["total"])  # per-example seeds
+    torch.testing.assert_close(fam.nll(mods, x[:20], seed=0, batch_size=20)["total"], nll["total"])  # per-example seeds

@@ -38,6 +38,9 @@ from .toys import TOYS, PointDataset, Toy2D, load_toy, make_toy
 
 __all__ = [
     "DATASETS",
+    "load_split",
+    "dataset_domain",
+    "has_split",
     "DEFAULT_DATASET",
     "load_dataset",
     "dataset_names",
@@ -103,3 +106,48 @@ def load_dataset(name: str = DEFAULT_DATASET, **opts):
     if bad:
         raise ValueError(f"dataset {name!r} takes no option {bad}; its options are {allowed}")
     return DATASETS[name](**opts)
+
+
+def has_split(name: str) -> bool:
+    """Whether dataset ``name`` has its own train / test split (npz files and folders do not)."""
+    return name in DATASETS and "split" in _options(name)
+
+
+def load_split(name: str, split: str = "train", holdout: float = 0.1, **opts):
+    """Split ``train`` or ``test`` of dataset ``name``.
+
+    Datasets with their own split get it; for the others (``npz``, ``folder``) the held-out
+    ``test`` split is a seeded random ``holdout`` share of the examples (permutation of
+    ``torch.Generator().manual_seed(0)``, at least one example) and ``train`` is the rest, so a
+    model never trains on the images it is evaluated against.
+    """
+    import torch
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name not in DATASETS:
+        return load_dataset(name, **opts)  # the unknown-dataset error
+    if has_split(name):
+        return load_dataset(name, **({**opts, "split": "test"} if split == "test" else opts))
+    if not 0 < holdout < 1:
+        raise ValueError(f"data.holdout must be in (0, 1), got {holdout}")
+    ds = load_dataset(name, **opts)
+    n = len(ds)
+    if n < 2:
+        raise DataError(f"dataset {name!r} has {n} example(s): too few to hold some out for evaluation")
+    k = max(1, int(round(holdout * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    idx = perm[:k] if split == "test" else perm[k:]
+    return ds.subset(idx.sort().values)
+
+
+def dataset_domain(name: str, dataset=None) -> str:
+    """The feature domain eval uses for dataset ``name``: ``fmnist`` (the shipped LeNet), ``mnist``,
+    ``digits``, ``points`` (2-D toys and other flat data), or ``images`` (npz / folder data)."""
+    if name in ("fmnist", "fmnist-embedded"):
+        return "fmnist"
+    if name in ("mnist", "digits"):
+        return name
+    if name in TOYS or (dataset is not None and len(tuple(dataset.shape)) == 1):
+        return "points"
+    return "images"

@@ -6,8 +6,8 @@ Training draws ``t`` from a scorelab time sampler on the configured path, noises
 The trained classifier steers an unconditional diffusion model trained on the SAME path through
 :class:`scorelab.guidance.ClassifierGuidance` (``family.classifier(modules)`` gives the callable).
 
-This family draws no samples: :meth:`NoisyClassifierFamily.sample` raises; use
-:meth:`NoisyClassifierFamily.accuracy` to evaluate it.
+This family draws no samples (``capabilities().classify``, nothing generated); ``scorelab eval``
+reports its accuracy at five noise levels (:meth:`NoisyClassifierFamily.evaluate`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from ..losses import make_time_sampler
 from ..nets.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
 from ..paths import make_path
 from ..random import Generator, randn_like
-from ..train.config import ConfigError, from_dict
-from .diffusion import DiffusionFamily, check_path_fields
+from ..train.config import ConfigError
+from .base import Capabilities, CapabilityError, Family, register
+from .diffusion import check_path_fields
 
 __all__ = ["ClassifierConfig", "NoisyClassifierFamily"]
 
@@ -45,41 +46,40 @@ class ClassifierConfig:
         check_path_fields(self)
 
 
-class NoisyClassifierFamily:
+@register
+class NoisyClassifierFamily(Family):
     """Classifier of noised data; ``training_step`` does one cross-entropy step (modules {"net"})."""
 
-    config_cls = ClassifierConfig
-    preferred_cpu_precision = "fp32"
-    can_sample = False  # no generative sampler: the CLI's sample grids do not apply
+    name = "noisy_classifier"
+    Config = ClassifierConfig
+    declared = Capabilities(classify=True)
 
-    def __init__(self, model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):
-        self.cfg: ClassifierConfig = from_dict(ClassifierConfig, model_cfg, "model")
+    def build(self) -> None:
+        num_classes = self.data.num_classes
         if num_classes < 2:
             raise ConfigError("model.family 'noisy_classifier' needs a labelled dataset with at least 2 classes "
                               f"(data has num_classes={num_classes}); pick data with labels, e.g. fmnist-embedded or 8gaussians")
-        self.data_shape = tuple(data_shape)  # (C, H, W) or (D,)
-        self.num_classes = num_classes  # number of logits
         self.path = make_path(self.cfg.path, **self.cfg.path_options)
         self.time_sampler = make_time_sampler(self.cfg.time_sampler, **self.cfg.time_sampler_options)
         opts = {**self.cfg.net_options, "num_classes": num_classes}
         try:
-            self.net = NoisyClassifier(NoisyClassifierConfig.from_dict(opts), self.data_shape)
+            self.net = NoisyClassifier(NoisyClassifierConfig.from_dict(opts), self.data.shape)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.net_options: {e}") from None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of logits (the data's classes)."""
+        return self.data.num_classes
 
     # --- the trainer's interface --------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net}
 
-    def optimizer_groups(self) -> dict[str, list[str]]:
-        return {"main": ["net"]}
-
-    prepare = staticmethod(DiffusionFamily.prepare)  # uint8 images -> [-1, 1], points -> float32
-
     def noised(self, x0: Tensor, t: Tensor, generator: Generator = None) -> Tensor:
         """``x_t = alpha(t) x_0 + sigma(t) eps`` for ``x0: (B, ...)``, ``t: (B,)``, eps from ``generator``."""
-        c = self.path.coefficients(torch.as_tensor(t, dtype=torch.float64, device=x0.device)).to(x0)
-        return c.alpha * x0 + c.sigma * randn_like(x0, generator)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
+        return self.path.sample_xt(x0, t, randn_like(x0, generator)).to(x0.dtype)
 
     def training_step(self, modules, batch: dict, ctx) -> dict:
         if "y" not in batch:
@@ -94,9 +94,13 @@ class NoisyClassifierFamily:
         acc = (logits.detach().argmax(-1) == y).float().mean()
         return {"loss": loss.detach(), "accuracy": acc, "grad_norm": gn}
 
+    def sample(self, modules, n, **kwargs):
+        raise CapabilityError("model.family 'noisy_classifier' is a classifier and draws no samples; "
+                              "guide a diffusion run with it: scorelab sample DIFFUSION_RUN --class K --classifier THIS_RUN")
+
     # --- using the classifier -----------------------------------------------------------
     def classifier(self, modules: dict[str, nn.Module] | None = None):
-        """``f(x_t, t) -> logits (B, K)`` for :class:`scorelab.guidance.ClassifierGuidance`."""
+        """``f(x_t, t) -> logits (B, K)`` for :class:`scorelab.guidance.ClassifierGuidance` (``t`` in path units)."""
         net = (modules or self.modules())["net"]
 
         def f(x: Tensor, t: Tensor) -> Tensor:
@@ -123,8 +127,13 @@ class NoisyClassifierFamily:
             hits += int((f(self.noised(xb, tb, generator), tb).argmax(-1) == y[i : i + batch_size].to(x.device)).sum())
         return hits / max(x.shape[0], 1)
 
-    def sample(self, *args, **kwargs):
-        raise NotImplementedError(
-            "model.family 'noisy_classifier' is a classifier and draws no samples; use accuracy(modules, x, y, t), "
-            "or guide a diffusion run with scorelab.guidance.ClassifierGuidance(denoiser, family.classifier(modules), scale)"
-        )
+    def evaluate(self, modules, ev) -> dict:
+        """Test accuracy at five times from ``t_min`` to ``t_max`` (chance at ``t_max``)."""
+        x, y = ev.reference(labels=True)
+        if y is None:
+            raise CapabilityError("the evaluation data has no labels: a classifier cannot be scored on it")
+        xs = self.prepare({"x": x}, modules)["x"]
+        p = self.path
+        times = [p.t_min + f * (p.t_max - p.t_min) for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        return {"accuracy": {f"t={t:.4g}": round(self.accuracy(modules, xs, y, t, torch.Generator().manual_seed(ev.seed)), 4)
+                             for t in times}}

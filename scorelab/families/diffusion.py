@@ -7,18 +7,19 @@ presets in ``configs/``). Sampling goes through ``scorelab.samplers`` with any s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..data.images import ImageDataset
 from ..losses import WEIGHTINGS, diffusion_loss, make_time_sampler
 from ..nets.registry import NETS, build_net
-from ..paths import PATHS, make_path
-from ..targets import KINDS, Denoiser
-from ..train.config import ConfigError, from_dict
+from ..paths import PATHS, DDPMDiscrete, make_path
+from ..targets import KINDS, PRECONDITIONINGS, Denoiser
+from ..train.config import ConfigError
+from .base import Capabilities, CapabilityError, Family, register
 
 __all__ = ["DiffusionConfig", "DiffusionFamily"]
 
@@ -43,6 +44,8 @@ class DiffusionConfig:
     sampler_options: dict = field(default_factory=dict)  # e.g. {n_steps_each: 100} for annealed_langevin
     label_dropout: float = 0.0  # probability of replacing a label by the null label in training
     input_sigma_data: float = 0.0  # EDM input scaling c_in = 1/sqrt(alpha^2 s_d^2 + sigma^2) with s_d this (0: off; VE needs it)
+    preconditioning: str = "none"  # none | input (c_in only) | edm (c_in, c_skip, c_out: the net then learns F, the denoiser is x0)
+    sigma_data: float = 0.5  # EDM's expected data std for preconditioning input / edm (Karras et al. 2022)
 
     def __post_init__(self):
         if self.prediction not in KINDS:
@@ -55,6 +58,12 @@ class DiffusionConfig:
         check_model_fields(self)
         if not self.input_sigma_data >= 0:
             raise ConfigError(f"model.input_sigma_data must be >= 0 (0: off), got {self.input_sigma_data}")
+        if self.preconditioning not in PRECONDITIONINGS:
+            raise ConfigError(f"model.preconditioning {self.preconditioning!r} is unknown: expected one of {', '.join(PRECONDITIONINGS)}")
+        if self.preconditioning == "edm" and self.prediction != "x0":
+            raise ConfigError("model.preconditioning 'edm' makes the denoiser an x0 estimate: set model.prediction: x0")
+        if not self.sigma_data > 0:
+            raise ConfigError(f"model.sigma_data must be > 0, got {self.sigma_data}")
         check_path_fields(self)
 
 
@@ -90,40 +99,58 @@ def check_path_fields(cfg) -> None:
         raise ConfigError(f"model: {e}") from None
 
 
-class DiffusionFamily:
+SAMPLE_OPTIONS = ("sampler", "steps", "grid", "grid_options", "sampler_options", "cfg", "classifier", "classifier_scale",
+                  "callback")
+
+
+@register
+class DiffusionFamily(Family):
     """Network + path + loss; ``training_step`` does one optimisation step of the regression loss."""
 
-    config_cls = DiffusionConfig
-    preferred_cpu_precision = "fp32"
+    name = "diffusion"
+    Config = DiffusionConfig
+    declared = Capabilities(generate=True, sample_options=SAMPLE_OPTIONS, denoiser=True, nll=("elbo", "pf_ode"),
+                            nll_options=("n_t",), nll_slow=("pf_ode",), interpolate=("noise",))
+    NLL_METHODS = ("elbo", "pf_ode")
 
-    def __init__(self, model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):
-        self.cfg: DiffusionConfig = from_dict(DiffusionConfig, model_cfg, "model")
-        self.data_shape = tuple(data_shape)  # (C, H, W) or (D,)
-        self.num_classes = num_classes if class_conditional else 0
+    def build(self) -> None:
         self.path = make_path(self.cfg.path, **self.cfg.path_options)
         self.time_sampler = make_time_sampler(self.cfg.time_sampler, **self.cfg.time_sampler_options)
         try:
-            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data_shape, self.num_classes)
+            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data.shape, self.data.conditional_classes)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.net_options: {e}") from None
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model is conditioned on (0: unconditional); label ``num_classes`` is the null label."""
+        return self.data.conditional_classes
+
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(self.declared, conditional=bool(self.num_classes))
 
     # --- the trainer's interface --------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net}
 
-    def optimizer_groups(self) -> dict[str, list[str]]:
-        return {"main": ["net"]}
+    def path_of(self, modules: dict) -> "object":
+        """The forward process (fixed here; VDM's is learned and lives in its modules)."""
+        return self.path
 
-    @staticmethod
-    def prepare(x: Tensor) -> Tensor:
-        """Raw dataset tensors to model space: uint8 images -> [-1, 1], points -> float32."""
-        if x.dtype == torch.uint8:
-            return ImageDataset.to_float(x)
-        return x.to(torch.float32)
+    def denoiser(self, modules: dict | None = None, net_dtype: torch.dtype | None = None, autocast="run") -> Denoiser:
+        """The trained model as a :class:`~scorelab.targets.Denoiser` (any sampler, grid, guidance, PF-ODE).
 
-    def denoiser(self, modules: dict[str, nn.Module] | None = None) -> Denoiser:
-        net = (modules or self.modules())["net"]
-        return Denoiser(net, self.path, self.cfg.prediction, input_sigma_data=self.cfg.input_sigma_data)
+        ``autocast``: ``"run"`` (the run's precision, :attr:`autocast_dtype`), ``None`` (the net's own
+        dtype) or a dtype."""
+        m = modules or self.modules()
+        precond, sd = self.preconditioning()
+        return Denoiser(m["net"], self.path_of(m), self.cfg.prediction, net_dtype=net_dtype, precond=precond, sigma_data=sd,
+                        autocast=self.autocast_dtype if autocast == "run" else autocast)
+
+    def preconditioning(self) -> tuple[str, float]:
+        """``(precond, sigma_data)`` of the :class:`~scorelab.targets.Denoiser` (``input_sigma_data > 0`` is ``input``)."""
+        c = self.cfg
+        return ("input", c.input_sigma_data) if c.input_sigma_data > 0 else (c.preconditioning, c.sigma_data)
 
     def _cond(self, batch: dict, ctx=None) -> dict:
         """``{"y": labels}`` of a class-conditional model (``{}`` otherwise); with the trainer's ``ctx``,
@@ -137,76 +164,105 @@ class DiffusionFamily:
         return {"y": y}
 
     def training_step(self, modules, batch: dict, ctx) -> dict:
-        x0 = batch["x"]
-        cond = self._cond(batch, ctx)
-        den = Denoiser(modules["net"], self.path, self.cfg.prediction, net_dtype=torch.float32,
-                       input_sigma_data=self.cfg.input_sigma_data)
-        with ctx.autocast():
-            loss = diffusion_loss(
-                den, x0, target=self.cfg.target, weighting_name=self.cfg.weighting,
-                weighting_opts=self.cfg.weighting_options, time_sampler=self.time_sampler,
-                generator=ctx.generator, cond=cond,
-            ).mean()
+        den = self.denoiser(modules, net_dtype=torch.float32, autocast=ctx.autocast_dtype)
+        loss = diffusion_loss(
+            den, batch["x"], target=self.cfg.target, weighting_name=self.cfg.weighting,
+            weighting_opts=self.cfg.weighting_options, time_sampler=self.time_sampler,
+            generator=ctx.generator, cond=self._cond(batch, ctx),
+        ).mean()
         gn = ctx.optimize(loss, "main")
         return {"loss": loss.detach(), "grad_norm": gn}
 
     # --- sampling -----------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, modules, n: int, generator=None, sampler: str | None = None, steps: int | None = None,
-               grid: str | None = None, grid_options: dict | None = None, y: Tensor | None = None,
-               device=None, batch_size: int = 256, noise: Tensor | None = None, guidance=None,
-               **sampler_opts) -> Tensor:
-        """``n`` samples in model space: (n, *data_shape), float32 on CPU (images clipped to [-1, 1]).
+    def sample_batch_size(self, **options) -> int:
+        return 256 if self.data.images else 4096
 
-        ``generator``: a seed, a torch.Generator, or a list of per-example generators.
-        ``y``: (n,) labels for a class-conditional model (``num_classes`` = unconditional).
-        ``noise``: (n, *data_shape) start points at ``t_max`` instead of prior draws (interpolation).
-        ``guidance``: a function ``Denoiser -> DenoiserLike`` wrapping the model (e.g.
-        classifier-free or classifier guidance from :mod:`scorelab.guidance`).
-        ``sampler_opts`` override the config's ``sampler_options``.
-        """
-        from ..random import generators_for_seeds
+    def guided(self, den, y: Tensor | None, cfg: float | None = None, classifier=None, classifier_scale: float = 1.0):
+        """``den`` wrapped by classifier-free guidance (weight ``cfg``: ``(1 + w) out_y - w out_null``)
+        and / or classifier guidance (``classifier``: an opened noisy_classifier run on the same path)."""
+        from ..guidance import ClassifierFreeGuidance, ClassifierGuidance
+
+        if cfg is None and classifier is None:
+            return den
+        if y is None:
+            raise CapabilityError("guidance needs the class(es) to steer toward: add --class K")
+        if cfg is not None:
+            if not self.num_classes:
+                raise CapabilityError("--cfg needs a class-conditional run trained with label dropout (model.label_dropout > 0)")
+            den = ClassifierFreeGuidance(den, cfg, form="w")
+        if classifier is not None:
+            clf = classifier.family
+            if not clf.capabilities().classify:
+                raise CapabilityError(f"--classifier {classifier.path} is a {clf.name} run, not a noisy_classifier run")
+            if repr(clf.path) != repr(den.path):
+                raise CapabilityError(f"--classifier {classifier.path} was trained on path {clf.path!r}, the model on "
+                                      f"{den.path!r}: the classifier must see the same x_t at the same t")
+            if int(y.max()) >= clf.num_classes:
+                raise CapabilityError(f"--classifier {classifier.path} has {clf.num_classes} classes; "
+                                      f"--class {int(y.max())} is out of its range")
+            den = ClassifierGuidance(den, clf.classifier(classifier.modules), classifier_scale, pass_label=bool(self.num_classes))
+        return den
+
+    def _sampler_args(self, sampler, steps, grid, grid_options, sampler_options) -> dict:
+        c = self.cfg
+        # the config's sampler_options belong to the config's sampler: another sampler starts from its defaults
+        own = sampler is None or sampler == c.sampler
+        return dict(sampler=sampler or c.sampler, steps=steps or c.sampling_steps, grid=grid or c.grid,
+                    grid_opts=c.grid_options if grid_options is None else grid_options,
+                    opts={**(c.sampler_options if own else {}), **(sampler_options or {})})
+
+    @torch.no_grad()
+    def _run_sampler(self, modules, x: Tensor, generators, y, sampler=None, steps=None, grid=None, grid_options=None,
+                     sampler_options=None, cfg=None, classifier=None, classifier_scale=1.0, callback=None) -> Tensor:
         from ..samplers import sample as run_sampler
 
-        net = modules["net"]
-        dev = device or next(net.parameters()).device
-        den = self.denoiser(modules)
-        if guidance is not None:
-            den = guidance(den)
-        if noise is not None and tuple(noise.shape) != (n, *self.data_shape):
-            raise ValueError(f"noise must have shape {(n, *self.data_shape)}, got {tuple(noise.shape)}")
-        if isinstance(generator, int):
-            generator = generators_for_seeds(range(generator, generator + n), device="cpu")
-        # the config's sampler_options belong to the config's sampler: another sampler starts from its defaults
-        own = sampler is None or sampler == self.cfg.sampler
-        opts = {**(self.cfg.sampler_options if own else {}), **sampler_opts}
-        outs = []
-        for i in range(0, n, batch_size):
-            j = min(n, i + batch_size)
-            gen = generator[i:j] if isinstance(generator, (list, tuple)) else generator
-            if noise is not None:
-                x = noise[i:j].to(dev, torch.float32)
-            else:
-                x = self.path.prior_sample((j - i, *self.data_shape), generator=gen, dtype=torch.float32).to(dev)
-            cond = {}
-            if self.num_classes:
-                yy = y[i:j] if y is not None else torch.full((j - i,), self.num_classes, dtype=torch.long)
-                cond["y"] = yy.to(dev)
-            elif guidance is not None and y is not None:  # an unconditional model steered by a classifier
-                cond["y"] = y[i:j].to(dev)
-            out = run_sampler(den, x, steps or self.cfg.sampling_steps, sampler=sampler or self.cfg.sampler,
-                              grid=grid or self.cfg.grid, grid_opts=self.cfg.grid_options if grid_options is None else grid_options,
-                              generator=gen, cond=cond, **opts)
-            outs.append(out.float().cpu())
-        x = torch.cat(outs)
-        # images live in [-1, 1]: clip as any image output would (points are left as they are)
-        return x.clamp(-1, 1) if len(self.data_shape) == 3 else x
+        if steps is not None and steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+        a = self._sampler_args(sampler, steps, grid, grid_options, sampler_options)
+        dev = x.device
+        den = self.guided(self.denoiser(modules), y, cfg, classifier, classifier_scale)
+        cond = {}
+        if self.num_classes:
+            cond["y"] = (y if y is not None else self.null_labels(x.shape[0])).to(dev)
+        elif classifier is not None and y is not None:  # an unconditional model steered by a classifier
+            cond["y"] = y.to(dev)
+        return run_sampler(den, x, a["steps"], sampler=a["sampler"], grid=a["grid"], grid_opts=a["grid_opts"],
+                           generator=generators, cond=cond, callback=callback, **a["opts"])
+
+    def sample_batch(self, modules, generators, y, **options) -> Tensor:
+        """Start at the prior ``path.prior_sample`` (example ``i`` from ``generators[i]``) and run the sampler."""
+        dev = self.device_of(modules)
+        x = self.path_of(modules).prior_sample((len(generators), *self.data.shape), generator=generators,
+                                               dtype=torch.float32).to(dev)
+        return self._run_sampler(modules, x, generators, y, **options)
+
+    # --- interpolation ------------------------------------------------------------------
+    def latents(self, modules, seeds, space: str = "noise", y=None) -> Tensor:
+        """The start noises of ``seeds`` (what :meth:`sample` would draw for them): (k, *shape)."""
+        from ..random import generators_for_seeds
+
+        if space != "noise":
+            raise CapabilityError(f"{self.name} runs interpolate in 'noise' space, not {space!r}")
+        gens = generators_for_seeds(list(seeds))
+        return self.path_of(modules).prior_sample((len(gens), *self.data.shape), generator=gens, dtype=torch.float32)
+
+    def generate_from(self, modules, z: Tensor, space: str = "noise", y=None, **options) -> Tensor:
+        """Samples from given start noises ``z`` with a deterministic sampler (ddim runs with eta = 0)."""
+        from ..interpolation import DETERMINISTIC_SAMPLERS
+
+        self.check_options("interpolate", options, ("sampler", "steps", "grid"))
+        sampler = options.get("sampler") or self.cfg.sampler
+        if sampler not in DETERMINISTIC_SAMPLERS:
+            raise CapabilityError(f"sampler {sampler!r} is stochastic: interpolation needs a deterministic one "
+                                  f"({', '.join(DETERMINISTIC_SAMPLERS)}); pass --sampler")
+        opts = {"eta": 0.0} if sampler == "ddim" else {}
+        x = self._run_sampler(modules, z.to(self.device_of(modules), torch.float32), None, y, sampler=sampler,
+                              steps=options.get("steps"), grid=options.get("grid"), sampler_options=opts)
+        return x.float().cpu().clamp(-1, 1) if self.data.images else x.float().cpu()
 
     # --- likelihood ---------------------------------------------------------------------
-    NLL_METHODS = ("elbo", "pf_ode")
-
-    def nll(self, modules, x: Tensor, method: str = "elbo", generator=None, y: Tensor | None = None,
-            batch_size: int = 128, n_t: int = 16, **opts) -> dict:
+    def nll(self, modules, x: Tensor, *, method: str = "elbo", seed: int = 0, y: Tensor | None = None,
+            batch_size: int = 128, n_t: int = 16, progress=None, **opts) -> dict:
         """Per-example negative log-likelihood bound / estimate of raw data ``x``.
 
         ``x``: uint8 images (B, C, H, W) -> **bits/dim**, or points (B, D) -> **nats** per example.
@@ -214,72 +270,72 @@ class DiffusionFamily:
 
         * ``elbo``: the discrete DDPM ELBO (:func:`scorelab.likelihood.ddpm_elbo_terms`, ``n_t``
           sampled steps) on the ``ddpm`` path, the continuous-time ELBO
-          (:func:`scorelab.vdm.continuous_elbo_terms`, ``n_t`` times) on every other path;
+          (:func:`scorelab.vdm.continuous_elbo_terms`, ``n_t`` log-SNR-uniform times) on every other path;
         * ``pf_ode``: the probability-flow ODE (:mod:`scorelab.likelihood`; Hutchinson trace with
           uniform dequantization for images, exact trace for points).
 
-        ``generator``: a seed (example ``i`` uses seed + i, so results do not depend on the
-        batch size), a generator or a list. Returns ``{"total": (B,), <terms>: (B,), "units": str}``.
+        Example ``i`` uses a generator seeded ``seed + i``, so results do not depend on the batch
+        size. ``progress(k)`` is called after each batch of ``k`` examples. Returns
+        ``{"total": (B,), <terms>: (B,), "units": str}``.
         """
-        from ..likelihood import ddpm_elbo_terms, pf_ode_bits_per_dim, pf_ode_log_likelihood
-        from ..paths import DDPMDiscrete
         from ..random import generators_for_seeds
-        from ..vdm import continuous_elbo_terms
 
         if method not in self.NLL_METHODS:
             raise ValueError(f"nll method must be one of {', '.join(self.NLL_METHODS)}, got {method!r}")
-        images = len(self.data_shape) == 3
-        if images and x.dtype != torch.uint8:
+        if self.data.images and x.dtype != torch.uint8:
             raise ValueError(f"nll needs raw uint8 images, got {x.dtype}")
-        if isinstance(generator, int):
-            generator = generators_for_seeds(range(generator, generator + x.shape[0]))
-        den = self.denoiser(modules)
-        dev = next(modules["net"].parameters()).device
+        if n_t < 1:
+            raise ValueError(f"--nll-t must be >= 1, got {n_t}")
+        gens = generators_for_seeds(range(seed, seed + x.shape[0]))
+        den = self.denoiser(modules, autocast=None)  # likelihoods in float32: bf16 rounding would bias them
+        dev = self.device_of(modules)
         parts = []
         for i in range(0, x.shape[0], batch_size):
             j = min(x.shape[0], i + batch_size)
-            gen = generator[i:j] if isinstance(generator, (list, tuple)) else generator
-            xb = x[i:j].to(dev)
             cond = {}
             if self.num_classes:
-                cond["y"] = (y[i:j] if y is not None else torch.full((j - i,), self.num_classes, dtype=torch.long)).to(dev)
-            if method == "pf_ode":
-                with torch.no_grad():
-                    if images:
-                        bpd, stats = pf_ode_bits_per_dim(den, xb, gen, trace="hutchinson", dtype=torch.float32,
-                                                         cond=cond, **opts)
-                        parts.append({"total": bpd, "nfe": torch.full_like(bpd, float(stats["nfe"]))})
-                    else:
-                        lp, stats = pf_ode_log_likelihood(den, xb.double(), trace="exact", cond=cond, **opts)
-                        parts.append({"total": -lp, "nfe": torch.full_like(lp, float(stats["nfe"]))})
-            elif isinstance(self.path, DDPMDiscrete):
-                with torch.no_grad():
-                    terms = ddpm_elbo_terms(den, xb if images else xb.double(), gen, n_t=n_t, cond=cond)
-                parts.append({k: terms[k] for k in ("prior", "diffusion", "reconstruction", "total")})
-            else:
-                lo, hi = self._elbo_range()
-                with torch.no_grad():
-                    terms = continuous_elbo_terms(den, xb if images else xb.double(), gen, t_min=lo, t_max=hi,
-                                                  n_t=n_t, cond=cond, time_sampling="log_snr")
-                parts.append({k: terms[k] for k in ("prior", "diffusion", "reconstruction", "total")})
+                cond["y"] = (y[i:j] if y is not None else self.null_labels(j - i)).to(dev)
+            with torch.no_grad():
+                parts.append(self._nll_batch(den, x[i:j].to(dev), gens[i:j], method, n_t, cond, opts))
+            if progress is not None:
+                progress(j - i)
         out = {k: torch.cat([p[k].detach().double().cpu() for p in parts]) for k in parts[0]}
-        if not images:
+        if not self.data.images and method == "elbo" and isinstance(den.path, DDPMDiscrete):
             # ddpm_elbo_terms reports continuous data per dimension in bits: bring it to nats per example
-            if method == "elbo" and isinstance(self.path, DDPMDiscrete):
-                for k in ("prior", "diffusion", "reconstruction", "total"):
-                    out[k] = out[k] * self.data_shape[0] * math.log(2)
-        out["units"] = "bits/dim" if images else "nats"
+            for k in ("prior", "diffusion", "reconstruction", "total"):
+                out[k] = out[k] * self.data.shape[0] * math.log(2)
+        out["units"] = "bits/dim" if self.data.images else "nats"
         return out
 
-    def _elbo_range(self) -> tuple[float, float]:
+    def _nll_batch(self, den, xb: Tensor, gen, method: str, n_t: int, cond: dict, opts: dict) -> dict:
+        from ..likelihood import ddpm_elbo_terms, pf_ode_bits_per_dim, pf_ode_log_likelihood
+        from ..vdm import continuous_elbo_terms
+
+        images = self.data.images
+        if method == "pf_ode":
+            if images:
+                bpd, stats = pf_ode_bits_per_dim(den, xb, gen, trace="hutchinson", dtype=torch.float32, cond=cond, **opts)
+                return {"total": bpd, "nfe": torch.full_like(bpd, float(stats["nfe"]))}
+            lp, stats = pf_ode_log_likelihood(den, xb.double(), trace="exact", cond=cond, **opts)
+            return {"total": -lp, "nfe": torch.full_like(lp, float(stats["nfe"]))}
+        xin = xb if images else xb.double()
+        if isinstance(den.path, DDPMDiscrete):
+            terms = ddpm_elbo_terms(den, xin, gen, n_t=n_t, cond=cond)
+        else:
+            lo, hi = self._elbo_range(den.path)
+            terms = continuous_elbo_terms(den, xin, gen, t_min=lo, t_max=hi, n_t=n_t, cond=cond, time_sampling="log_snr")
+        return {k: terms[k] for k in ("prior", "diffusion", "reconstruction", "total")}
+
+    @staticmethod
+    def _elbo_range(path) -> tuple[float, float]:
         """Ends of the continuous ELBO's log-SNR integral: the path's ``t_min`` / ``t_max``, except
         where the log-SNR is infinite there (rectified flow: clean data at t = 0, pure noise at
         t = 1); those ends move to ``sigma / alpha = 1e-3`` and ``1e3``. The prior and
         reconstruction terms then account for the rest (both are tiny at these ends)."""
-        lam = self.path.log_snr(torch.tensor([self.path.t_min, self.path.t_max], dtype=torch.float64))
-        lo, hi = float(self.path.t_min), float(self.path.t_max)
+        lam = path.log_snr(torch.tensor([path.t_min, path.t_max], dtype=torch.float64))
+        lo, hi = float(path.t_min), float(path.t_max)
         if not math.isfinite(float(lam[0])):
-            lo = float(self.path.t_from_log_snr(torch.tensor(2 * math.log(1e3), dtype=torch.float64)))
+            lo = float(path.t_from_log_snr(torch.tensor(2 * math.log(1e3), dtype=torch.float64)))
         if not math.isfinite(float(lam[1])):
-            hi = float(self.path.t_from_log_snr(torch.tensor(-2 * math.log(1e3), dtype=torch.float64)))
+            hi = float(path.t_from_log_snr(torch.tensor(-2 * math.log(1e3), dtype=torch.float64)))
         return lo, hi

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..nets.energy import EnergyNet, EnergyNetConfig, ScoreNet
 from ..score_matching import PROBES, denoising_score_matching, explicit_score_matching, sliced_score_matching
-from ..train.config import ConfigError, from_dict
+from ..train.config import ConfigError
+from .base import Capabilities, CapabilityError, Family, register
 
 __all__ = ["ScoreMatchingConfig", "ScoreMatchingFamily", "SM_MODELS", "SM_LOSSES"]
 
@@ -66,38 +67,31 @@ class ScoreMatchingConfig:
             raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
 
 
-class ScoreMatchingFamily:
+@register
+class ScoreMatchingFamily(Family):
     """Energy model or score net + a score-matching loss; Langevin sampling."""
 
-    config_cls = ScoreMatchingConfig
-    preferred_cpu_precision = "fp32"
+    name = "score_matching"
+    Config = ScoreMatchingConfig
+    declared = Capabilities(generate=True, sample_options=("sampler", "steps", "step_size", "init_std", "callback"))
 
-    def __init__(self, model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):
-        self.cfg: ScoreMatchingConfig = from_dict(ScoreMatchingConfig, model_cfg, "model")
-        self.data_shape = tuple(data_shape)  # (D,)
-        if len(self.data_shape) != 1:
-            raise ConfigError(f"model.family 'score_matching' needs flat data (D,), got shape {self.data_shape} "
+    def build(self) -> None:
+        if len(self.data.shape) != 1:
+            raise ConfigError(f"model.family 'score_matching' needs flat data (D,), got shape {self.data.shape} "
                               "(images: use the diffusion family)")
-        if class_conditional:
+        if self.data.class_conditional:
             raise ConfigError("data.class_conditional is not supported by the score_matching family")
-        self.num_classes = 0
         try:
-            net_cfg = EnergyNetConfig(dim=self.data_shape[0], **self.cfg.net_options)
+            net_cfg = EnergyNetConfig(dim=self.data.shape[0], **self.cfg.net_options)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.net_options: {e}") from None
         self.net = EnergyNet(net_cfg) if self.cfg.model == "energy" else ScoreNet(net_cfg)
 
+    num_classes = 0  # unconditional
+
     # --- the trainer's interface --------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net}
-
-    def optimizer_groups(self) -> dict[str, list[str]]:
-        return {"main": ["net"]}
-
-    @staticmethod
-    def prepare(x: Tensor) -> Tensor:
-        """Raw points to model space: float32."""
-        return x.to(torch.float32)
 
     def score_fn(self, modules: dict[str, nn.Module] | None = None):
         """``x: (B, D) -> s(x): (B, D)``: ``-grad f`` for an energy model, the net itself otherwise."""
@@ -126,47 +120,33 @@ class ScoreMatchingFamily:
         return {"loss": loss.detach(), "grad_norm": gn}
 
     # --- sampling -----------------------------------------------------------------------
-    def sample(self, modules, n: int, generator=None, sampler: str | None = None, steps: int | None = None,
-               grid: str | None = None, grid_options: dict | None = None, y: Tensor | None = None,
-               device=None, batch_size: int = 2048, step_size: float | None = None, init_std: float | None = None,
-               callback=None) -> Tensor:
-        """``n`` samples (n, D), float32 on CPU, by unadjusted Langevin dynamics on the model score:
+    def sample_batch(self, modules, generators, y, sampler: str | None = None, steps: int | None = None,
+                     step_size: float | None = None, init_std: float | None = None, callback=None) -> Tensor:
+        """Unadjusted Langevin dynamics on the model score, one generator per chain:
 
             x_0 ~ N(0, init_std^2 I),   x <- x + (eps / 2) s(x) + sqrt(eps) z   (``steps`` times)
 
-        ``generator``: a seed (one torch.Generator seeded with it: hundreds of steps with one
-        generator per example would cost more than the network), a torch.Generator or a list of
-        per-example generators (batch-independent results). ``steps``, ``step_size``,
-        ``init_std`` default to the config's ``sampling_steps``, ``step_size``, ``init_std``.
-        ``sampler`` may only be "langevin"; ``grid``, ``grid_options`` and ``y`` have no meaning
-        here and must be left unset. ``callback`` goes to :func:`scorelab.samplers.langevin`.
+        ``steps``, ``step_size``, ``init_std`` default to the config's ``sampling_steps``,
+        ``step_size``, ``init_std``; ``sampler`` may only be "langevin". ``callback`` goes to
+        :func:`scorelab.samplers.langevin`.
         """
         from ..random import randn
         from ..samplers import langevin
 
         if sampler not in (None, "langevin"):
-            raise ConfigError(f"sampler {sampler!r} is unknown: the score_matching family samples with 'langevin'")
-        if grid is not None or grid_options is not None:
-            raise ConfigError("grid / grid_options have no meaning for Langevin sampling (no time grid)")
+            raise CapabilityError(f"sampler {sampler!r} is unknown: the score_matching family samples with 'langevin'")
         if y is not None:
-            raise ConfigError("y given but the score_matching family is unconditional")
+            raise CapabilityError("--class given but the score_matching family is unconditional")
         steps = self.cfg.sampling_steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
         eps = self.cfg.step_size if step_size is None else step_size
         std = self.cfg.init_std if init_std is None else init_std
         if not std > 0:
             raise ValueError(f"init_std must be > 0, got {std}")
         net = modules["net"]
-        dev = device or next(net.parameters()).device
+        dev = self.device_of(modules)
         dtype = next(net.parameters()).dtype
-        score = self.score_fn(modules)
-        if isinstance(generator, int):
-            generator = torch.Generator(device="cpu").manual_seed(generator)
-        outs = []
+        x = std * randn((len(generators), *self.data.shape), generator=generators, dtype=dtype).to(dev)
         with torch.no_grad():
-            for i in range(0, n, batch_size):
-                j = min(n, i + batch_size)
-                gen = generator[i:j] if isinstance(generator, (list, tuple)) else generator
-                x = std * randn((j - i, *self.data_shape), generator=gen, dtype=dtype).to(dev)
-                x = langevin(score, x, eps, steps, generator=gen, callback=callback)
-                outs.append(x.float().cpu())
-        return torch.cat(outs)
+            return langevin(self.score_fn(modules), x, eps, steps, generator=generators, callback=callback)

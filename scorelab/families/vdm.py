@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ..nets.registry import build_net
-from ..targets import Denoiser
-from ..train.config import ConfigError, from_dict
+from ..quantize import to_uint8
+from ..train.config import ConfigError
 from ..vdm import LearnedLogSNR, LearnedVPPath, continuous_elbo_terms
+from .base import register
 from .diffusion import DiffusionFamily, check_model_fields
 
 __all__ = ["VDMConfig", "VDMFamily"]
@@ -59,22 +60,20 @@ class VDMConfig:
         check_model_fields(self)
 
 
+@register
 class VDMFamily(DiffusionFamily):
     """Network + learned schedule; ``training_step`` does one step on the negative ELBO."""
 
-    config_cls = VDMConfig
-    preferred_cpu_precision = "fp32"
+    name = "vdm"
+    Config = VDMConfig
 
-    def __init__(self, model_cfg: dict, data_shape: tuple, num_classes: int = 0, class_conditional: bool = False):
-        self.cfg: VDMConfig = from_dict(VDMConfig, model_cfg, "model")
-        self.data_shape = tuple(data_shape)  # (C, H, W) images (discrete ELBO) or (D,) points (continuous)
-        self.num_classes = num_classes if class_conditional else 0
+    def build(self) -> None:
         self.schedule = LearnedLogSNR(self.cfg.gamma_min, self.cfg.gamma_max, self.cfg.schedule_hidden)
         if not self.cfg.learn_schedule:
             self.schedule.requires_grad_(False)
         self.path = LearnedVPPath(self.schedule)
         try:
-            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data_shape, self.num_classes)
+            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data.shape, self.data.conditional_classes)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.net_options: {e}") from None
 
@@ -82,25 +81,24 @@ class VDMFamily(DiffusionFamily):
     def modules(self) -> dict[str, nn.Module]:
         return {"net": self.net, "schedule": self.schedule}
 
-    def optimizer_groups(self) -> dict[str, list[str]]:
-        return {"main": ["net", "schedule"]}
+    def path_of(self, modules: dict) -> LearnedVPPath:
+        """The learned path of ``modules["schedule"]`` (e.g. its EMA copy): samplers and likelihoods use it."""
+        return LearnedVPPath(modules["schedule"])
 
-    def denoiser(self, modules: dict[str, nn.Module] | None = None, net_dtype=None) -> Denoiser:
-        m = modules or self.modules()
-        return Denoiser(m["net"], LearnedVPPath(m["schedule"]), self.cfg.prediction, net_dtype=net_dtype)
+    def preconditioning(self) -> tuple[str, float]:
+        return "none", 0.5  # VDM's network sees z_t as is
 
     def _data(self, x: Tensor) -> Tensor:
         """Model-space images back to their uint8 values (the ELBO is over pixel values); points unchanged."""
-        if len(self.data_shape) == 3 and x.dtype != torch.uint8:
-            return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        if self.data.images and x.dtype != torch.uint8:
+            return to_uint8(x)
         return x
 
     def training_step(self, modules, batch: dict, ctx) -> dict:
         x = self._data(batch["x"])
-        den = self.denoiser(modules, net_dtype=torch.float32)
-        with ctx.autocast():
-            terms = continuous_elbo_terms(den, x, ctx.generator, low_discrepancy=self.cfg.low_discrepancy,
-                                          parameterization=self.cfg.prediction, cond=self._cond(batch, ctx))
+        den = self.denoiser(modules, net_dtype=torch.float32, autocast=ctx.autocast_dtype)
+        terms = continuous_elbo_terms(den, x, ctx.generator, low_discrepancy=self.cfg.low_discrepancy,
+                                      parameterization=self.cfg.prediction, cond=self._cond(batch, ctx))
         loss = terms["total"].mean()
         hooks = []
         if self.cfg.learn_schedule and self.cfg.schedule_variance:
@@ -123,59 +121,14 @@ class VDMFamily(DiffusionFamily):
                    "diffusion": terms["diffusion"].mean(), "gamma_0": s.gamma_0.detach(), "gamma_1": s.gamma_1.detach()}
         return out
 
-    # --- sampling and likelihood ----------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, modules, n: int, generator=None, sampler: str | None = None, steps: int | None = None,
-               grid: str | None = None, grid_options: dict | None = None, y: Tensor | None = None,
-               device=None, batch_size: int = 256, **sampler_opts) -> Tensor:
-        """As :meth:`DiffusionFamily.sample`, on the path of ``modules["schedule"]`` (e.g. its EMA copy)."""
-        own = self.path
-        self.path = LearnedVPPath(modules["schedule"])
-        try:
-            return super().sample(modules, n, generator=generator, sampler=sampler, steps=steps, grid=grid,
-                                  grid_options=grid_options, y=y, device=device, batch_size=batch_size, **sampler_opts)
-        finally:
-            self.path = own
-
-    NLL_METHODS = ("elbo", "pf_ode")
-
-    @torch.no_grad()
-    def nll(self, modules, x: Tensor, method: str = "elbo", generator=None, y: Tensor | None = None,
-            batch_size: int = 128, n_t: int = 16, **opts) -> dict:
-        """Per-example negative log-likelihood bound of data ``x`` on the learned path of ``modules``.
-
-        ``x``: raw uint8 images (B, C, H, W) -> **bits/dim** (model-space floats are mapped back to
-        pixel values), or points (B, D) -> **nats** per example. ``method="elbo"``: the VDM
-        continuous-time ELBO (:func:`~scorelab.vdm.continuous_elbo_terms`, ``n_t`` times per
-        example); other methods (``pf_ode``) are the diffusion family's, run on the learned path.
-        ``generator``: a seed (example ``i`` uses seed + i, so results do not depend on
-        ``batch_size``), a generator or a list. Returns ``{"prior", "reconstruction", "diffusion",
-        "total": (B,), "units": str}``.
-        """
-        from ..random import generators_for_seeds
-
-        if method not in self.NLL_METHODS:
-            raise ValueError(f"nll method must be one of {', '.join(self.NLL_METHODS)}, got {method!r}")
+    # --- likelihood ---------------------------------------------------------------------
+    def _nll_batch(self, den, xb: Tensor, gen, method: str, n_t: int, cond: dict, opts: dict) -> dict:
+        """``elbo``: the VDM continuous-time ELBO on the learned path (``n_t`` times per example, in the
+        parameterization the model was trained with); ``pf_ode`` as the diffusion family's."""
         if method != "elbo":
-            parent = getattr(super(), "nll", None)
-            if parent is None:
-                raise ValueError(f"nll method {method!r} needs the diffusion family's nll, which this version lacks")
-            return parent(modules, x, method=method, generator=generator, y=y, batch_size=batch_size, n_t=n_t, **opts)
-        x = self._data(x)
-        if isinstance(generator, int):
-            generator = generators_for_seeds(range(generator, generator + x.shape[0]))
-        net = modules["net"]
-        dev = next(net.parameters()).device
-        den = self.denoiser(modules)
-        parts = []
-        for i in range(0, x.shape[0], batch_size):
-            j = min(x.shape[0], i + batch_size)
-            gen = generator[i:j] if isinstance(generator, (list, tuple)) else generator
-            cond = {"y": (y[i:j] if y is not None else torch.full((j - i,), self.num_classes, dtype=torch.long)).to(dev)} if self.num_classes else {}
-            xb = x[i:j].to(dev)
-            if xb.is_floating_point():
-                xb = xb.to(next(net.parameters()).dtype)
-            parts.append(continuous_elbo_terms(den, xb, gen, n_t=n_t, parameterization=self.cfg.prediction, cond=cond))
-        out = {k: torch.cat([p[k].detach().double().cpu() for p in parts]) for k in ("prior", "reconstruction", "diffusion", "total")}
-        out["units"] = parts[0]["units"]
-        return out
+            return super()._nll_batch(den, xb, gen, method, n_t, cond, opts)
+        xb = self._data(xb)
+        if xb.is_floating_point():
+            xb = xb.to(next(den.net.parameters()).dtype)
+        terms = continuous_elbo_terms(den, xb, gen, n_t=n_t, parameterization=self.cfg.prediction, cond=cond)
+        return {k: terms[k] for k in ("prior", "reconstruction", "diffusion", "total")}

@@ -61,6 +61,11 @@ def _coerce(v, f: dataclasses.Field, key: str):
             continue
         if isinstance(v, want):
             return float(v) if kind == "float" else v
+        if kind == "float" and isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(v)
+            except ValueError:
+                pass
     raise ConfigError(f"{key} must be {' or '.join(kinds)}, got {v!r}")
 
 
@@ -69,6 +74,13 @@ class DataConfig:
     name: str = "fmnist-embedded"  # dataset registry name (scorelab.data.load_dataset)
     options: dict = field(default_factory=dict)  # loader options (path, split, ...)
     class_conditional: bool = False  # feed labels to the model
+    holdout: float = 0.1  # share held out for eval when the dataset has no test split (npz, folder), seeded
+
+    def __post_init__(self):
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"data.holdout must be in (0, 1), got {self.holdout}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"data.options must be a mapping, got {self.options!r}")
 
 
 @dataclass
@@ -77,11 +89,13 @@ class TrainConfig:
     batch_size: int = 128  # examples per step
     lr: float = 2e-3  # AdamW learning rate after warm-up
     warmup: int = 100  # linear warm-up steps
+    schedule: str = "constant"  # learning rate after warm-up: constant, cosine or linear decay to min_lr_ratio * lr at train.steps
+    min_lr_ratio: float = 0.0  # final lr / lr of the cosine and linear schedules
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     betas: list = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     ema_decay: float = 0.999  # EMA decay; 0 disables EMA
-    precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto" (bf16 where the device does it well)
+    precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto" (measured on this machine: bf16 only where clearly faster and accurate)
     device: str = "auto"  # "cpu", "cuda", "cuda:1" or "auto"
     log_every: int = 25  # steps between metrics lines
     sample_every: int = 500  # steps between sample grids (0: only at the end)
@@ -102,6 +116,10 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be fp32, bf16 or auto, got {self.precision!r}")
         if len(self.betas) != 2:
             raise ConfigError("train.betas must have two entries")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"train.schedule must be constant, cosine or linear, got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -111,15 +129,19 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: dict = field(default_factory=lambda: {"family": "diffusion"})  # validated by the family
     train: TrainConfig = field(default_factory=TrainConfig)
+    resolved: dict = field(default_factory=dict)  # choices the trainer measured for this run (precision), written by it
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         if not isinstance(d, dict):
             raise ConfigError("the config must be a mapping at the top level")
         d = copy.deepcopy(d)
-        unknown = sorted(set(d) - {"name", "seed", "data", "model", "train"})
+        unknown = sorted(set(d) - {"name", "seed", "data", "model", "train", "resolved"})
         if unknown:
             raise ConfigError(f"unknown top-level key {unknown[0]!r} (known: name, seed, data, model, train)")
+        resolved = d.get("resolved") or {}
+        if not isinstance(resolved, dict):
+            raise ConfigError("resolved must be a mapping (it is written by the trainer)")
         model = d.get("model", {"family": "diffusion"})
         if not isinstance(model, dict):
             raise ConfigError("model must be a mapping")
@@ -138,6 +160,7 @@ class RunConfig:
             data=from_dict(DataConfig, d.get("data"), "data"),
             model=model,
             train=from_dict(TrainConfig, d.get("train"), "train"),
+            resolved=resolved,
         )
 
     def to_dict(self) -> dict:

@@ -1,12 +1,14 @@
 """The training loop, shared by every model family.
 
-A *family* (``scorelab.families``) owns its networks and its maths: it lists its modules, says
-which optimizer updates which modules, and supplies ``training_step(batch, ctx)``, in which it
-calls ``ctx.optimize(loss, name)`` once per optimizer it wants to step (a diffusion model once, a
-GAN twice with alternating losses). The trainer owns everything else: devices and precision,
-AdamW with warm-up, gradient clipping, EMA weights, the data order, the random streams,
-checkpoints (safetensors, atomic), metrics (JSONL), sample grids and the loss curve (PNG), the
-progress bar, resuming and Ctrl-C.
+A *family* (:class:`scorelab.families.base.Family`) owns its networks and its maths: it lists its
+trained and frozen modules, gives one :class:`~scorelab.families.base.OptimizerSpec` per optimizer,
+turns a raw batch into model input (``prepare``), and supplies ``training_step(modules, batch,
+ctx)``, in which it calls ``ctx.optimize(loss, name)`` once per optimizer it wants to step (a
+diffusion model once, a GAN twice with alternating losses) and returns any metrics. The trainer
+owns everything else: devices and precision (``train.precision``, measured by
+:mod:`scorelab.train.precision`), AdamW with warm-up and schedule per optimizer, gradient
+clipping, EMA weights, the data order, the random streams, checkpoints (safetensors, atomic),
+metrics (JSONL), the progress bar, resuming and Ctrl-C.
 
 Determinism: the data order of epoch ``e`` is a permutation drawn from a generator seeded by
 ``(seed, e)``, the learning rate is a function of the step, and the noise generator, torch's
@@ -20,6 +22,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from .config import RunConfig
 
-__all__ = ["Trainer", "StepContext", "EMA", "resolve_device", "resolve_precision"]
+__all__ = ["Trainer", "StepContext", "EMA", "resolve_device", "TrainingError"]
 
 CKPT = "checkpoint.safetensors"
 
@@ -46,18 +49,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device is {name!r} but CUDA is not available")
     return dev
-
-
-def resolve_precision(name: str, device: torch.device, preferred_cpu: str = "fp32") -> torch.dtype | None:
-    """The autocast dtype (``None`` for fp32). ``auto``: bf16 on CUDA that supports it; on CPU the
-    family's measured preference (``preferred_cpu``)."""
-    if name == "fp32":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if preferred_cpu == "bf16" else None
 
 
 class EMA:
@@ -111,6 +102,10 @@ class StepContext:
         return self._optimize(loss, optimizer)
 
 
+class TrainingError(ValueError):
+    """Training cannot go on (a non-finite loss, a family asking for an unknown optimizer)."""
+
+
 class Trainer:
     """Runs a family on a dataset into ``run_dir``; ``fit()`` trains to ``cfg.train.steps``."""
 
@@ -125,7 +120,6 @@ class Trainer:
         self.device = resolve_device(self.tc.device)
         if self.tc.threads > 0:
             torch.set_num_threads(self.tc.threads)
-        self.autocast_dtype = resolve_precision(self.tc.precision, self.device, getattr(family, "preferred_cpu_precision", "fp32"))
 
         # data, held as tensors on the device: uint8 images are converted per batch
         self.x, self.y = dataset_tensors(dataset)
@@ -137,26 +131,74 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.modules: dict[str, nn.Module] = {k: m.to(self.device) for k, m in family.modules().items()}
+        self.frozen: dict[str, nn.Module] = {k: m.to(self.device).eval().requires_grad_(False) for k, m in family.frozen().items()}
+        self.specs = family.optimizers(self.tc)  # optimizer name -> OptimizerSpec
         self.optimizers = {}
-        self._opt_modules = family.optimizer_groups()  # optimizer name -> names of the modules it updates
-        for name, module_names in self._opt_modules.items():
-            params = [p for mn in module_names for p in self.modules[mn].parameters() if p.requires_grad]
-            self.optimizers[name] = torch.optim.AdamW(
-                params, lr=self.tc.lr, betas=tuple(self.tc.betas), weight_decay=self.tc.weight_decay
-            )
+        self._opt_modules = {}  # optimizer name -> names of the modules it updates
+        for name, spec in self.specs.items():
+            unknown = [m for m in spec.modules if m not in self.modules]
+            if unknown:
+                raise ValueError(f"optimizer {name!r} names module {unknown[0]!r}, which the family does not train")
+            self._opt_modules[name] = list(spec.modules)
+            params = [p for mn in spec.modules for p in self.modules[mn].parameters() if p.requires_grad]
+            self.optimizers[name] = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
         self.ema = EMA(self.modules, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.elapsed = 0.0
         if resume:
             self._load()
+        self.precision = self._resolve_precision(cfg.resolved.get("precision") if resume else None)
+        self.autocast_dtype = self.precision.dtype
+        family.autocast_dtype = self.autocast_dtype  # sampling during and after training uses the same precision
         self._step_fns = {k: (torch.compile(m) if self.tc.compile else m) for k, m in self.modules.items()}
+
+    # --- precision -------------------------------------------------------------------------
+    def _resolve_precision(self, recorded: str | None):
+        """The run's precision: the recorded decision on resume (so a resumed run computes as the
+        first part did), else ``train.precision`` resolved by measurement (see
+        :func:`scorelab.train.precision.resolve_precision`) with a probe of this run's own step."""
+        from .precision import PrecisionDecision, resolve_precision
+
+        if recorded in ("fp32", "bf16"):
+            return PrecisionDecision.recorded(recorded, self.tc.precision)
+        key = {"model": self.cfg.model, "batch_size": self.tc.batch_size, "data_shape": list(self.x.shape[1:])}
+        return resolve_precision(self.tc.precision, self.device, probe=self._probe, key=key)
+
+    def _probe(self, dtype):
+        """One forward + backward of this run's training step at ``dtype`` (no optimizer step; the
+        weights, module buffers and every random stream are restored): ``[loss, grad norms...]``."""
+        snapshot = {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in self.modules.items()}
+        rng, noise = torch.get_rng_state(), self.noise.get_state()
+        norms = []
+
+        def backward_only(loss, name="main"):
+            for p in (q for g in self.optimizers[name].param_groups for q in g["params"]):
+                p.grad = None
+            loss.backward()
+            gn = torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for g in self.optimizers[name].param_groups
+                                for p in g["params"] if p.grad is not None))
+            norms.append(gn)
+            return float(gn)
+
+        try:
+            ctx = StepContext(0, self.device, self.noise, dtype, backward_only)
+            out = self.family.training_step(self.modules, self.batch_at(0), ctx)
+            first = next(iter(out.values()))
+            return [torch.as_tensor(first).detach().float(), *norms]
+        finally:
+            for k, m in self.modules.items():
+                m.load_state_dict(snapshot[k])
+                for p in m.parameters():
+                    p.grad = None
+            torch.set_rng_state(rng)
+            self.noise.set_state(noise)
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict, dict]:
         tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {"step": self.step, "elapsed": self.elapsed, "family": self.cfg.model.get("family"), "optimizers": {},
-                                **self.extra_meta}
+        meta: dict[str, Any] = {"step": self.step, "elapsed": self.elapsed, "family": self.family.name, "optimizers": {},
+                                "data": self.family.data.to_dict(), "precision": self.precision.name, **self.extra_meta}
         for name, m in self.modules.items():
             for k, v in m.state_dict().items():
                 tensors[f"model.{name}.{k}"] = v
@@ -199,11 +241,10 @@ class Trainer:
         self.elapsed = float(meta.get("elapsed", 0.0))
 
     # --- the loop -----------------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up to ``lr`` over ``warmup`` steps, then constant."""
-        if self.tc.warmup <= 0:
-            return self.tc.lr
-        return self.tc.lr * min(1.0, (step + 1) / self.tc.warmup)
+    def lr_at(self, step: int, optimizer: str = "main") -> float:
+        """The learning rate of ``optimizer`` at ``step`` (its spec's warm-up and schedule)."""
+        name = optimizer if optimizer in self.specs else next(iter(self.specs))
+        return self.specs[name].lr_at(step, self.tc.steps)
 
     def batch_at(self, step: int) -> dict:
         """The batch of ``step``: epoch permutation seeded by (seed, epoch), then a slice."""
@@ -212,22 +253,22 @@ class Trainer:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         idx = self._perm[1][i * self.tc.batch_size : (i + 1) * self.tc.batch_size].to(self.x.device)
-        batch = {"x": self.family.prepare(self.x[idx])}
+        batch = {"x": self.x[idx], "index": idx}
         if self.y is not None:
             batch["y"] = self.y[idx]
-        return batch
+        return self.family.prepare(batch, {**self.modules, **self.frozen})
 
     def _optimize(self, loss: torch.Tensor, name: str) -> float:
         if name not in self.optimizers:
-            raise KeyError(f"family asked for unknown optimizer {name!r}")
-        opt = self.optimizers[name]
+            raise TrainingError(f"the family asked for optimizer {name!r}; it has {', '.join(self.optimizers)}")
+        opt, spec = self.optimizers[name], self.specs[name]
         for g in opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
+            g["lr"] = spec.lr_at(self.step, self.tc.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in opt.param_groups for p in g["params"]]
-        if self.tc.grad_clip > 0:
-            gn = float(torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip))
+        if spec.grad_clip > 0:
+            gn = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
         else:
             gn = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
         opt.step()
@@ -238,7 +279,9 @@ class Trainer:
     def fit(self, on_sample: Callable[["Trainer"], None] | None = None) -> dict:
         """Train until ``train.steps`` (or ``max_minutes``, or Ctrl-C); always ends with a checkpoint.
 
-        Returns ``{"step", "status", "elapsed"}`` with status ``done``, ``time_limit`` or ``interrupted``.
+        Every ``log_every`` steps (and at the last step, however the run ends) the mean of each
+        metric over the steps since the last line goes to ``metrics.jsonl``. Returns ``{"step",
+        "status", "elapsed", "steps_this_run"}`` with status ``done``, ``time_limit`` or ``interrupted``.
         """
         from tqdm.auto import tqdm
 
@@ -252,8 +295,23 @@ class Trainer:
         signal.signal(signal.SIGTERM, _raise_interrupt)
         for m in self.modules.values():
             m.train()
-        window: list[float] = []
-        last_log_t, last_log_step = time.perf_counter(), self.step
+        window: dict[str, list[float]] = {}
+        last = {"t": time.perf_counter(), "step": self.step}
+
+        def log_line() -> None:
+            if not window:
+                return
+            now = time.perf_counter()
+            its = (self.step - last["step"]) / max(now - last["t"], 1e-9)
+            rec = {"step": self.step, **{k: sum(v) / len(v) for k, v in window.items()}}
+            rec.update({"lr": self.lr_at(self.step - 1), "it_s": its, "ex_s": its * self.tc.batch_size, "elapsed": round(self.elapsed, 2)})
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+            first = next(iter(window))
+            bar.set_postfix({first: f"{rec[first]:.4g}", "ex_s": f"{rec['ex_s']:.0f}"})
+            window.clear()
+            last.update(t=now, step=self.step)
+
         try:
             while self.step < self.tc.steps:
                 if self.tc.max_minutes and (elapsed0 + time.perf_counter() - t0) > 60 * self.tc.max_minutes:
@@ -262,23 +320,16 @@ class Trainer:
                 batch = self.batch_at(self.step)
                 ctx = StepContext(self.step, self.device, self.noise, self.autocast_dtype, self._optimize)
                 out = self.family.training_step(self._step_fns, batch, ctx)
-                loss = float(out["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {self.step}; lower train.lr or check the data")
-                window.append(loss)
+                vals = {k: float(v) for k, v in out.items()}
+                first = next(iter(vals))
+                if not math.isfinite(vals[first]):
+                    raise TrainingError(f"{first} became {vals[first]} at step {self.step}; lower train.lr or check the data")
+                for k, v in vals.items():
+                    window.setdefault(k, []).append(v)
                 self.step += 1
                 self.elapsed = elapsed0 + time.perf_counter() - t0
                 if self.step % self.tc.log_every == 0 or self.step == self.tc.steps:
-                    now = time.perf_counter()
-                    its = (self.step - last_log_step) / max(now - last_log_t, 1e-9)
-                    rec = {"step": self.step, "loss": sum(window) / len(window), "lr": self.lr_at(self.step - 1), "it_s": its,
-                           "ex_s": its * self.tc.batch_size, "elapsed": round(self.elapsed, 2)}
-                    rec.update({k: float(v) for k, v in out.items() if k != "loss"})
-                    metrics_f.write(json.dumps(rec) + "\n")
-                    metrics_f.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rec['ex_s']:.0f}")
-                    window.clear()
-                    last_log_t, last_log_step = now, self.step
+                    log_line()
                 bar.update(1)
                 if self.tc.ckpt_every and self.step % self.tc.ckpt_every == 0 and self.step < self.tc.steps:
                     self.save()
@@ -288,11 +339,15 @@ class Trainer:
             status = "interrupted"
         finally:
             signal.signal(signal.SIGTERM, old_term)
+            log_line()  # the last step is always logged
             bar.close()
             metrics_f.close()
         self.save()
         if on_sample is not None:
-            on_sample(self)
+            if status == "interrupted":
+                print("interrupted: checkpoint saved; the final sample grid is skipped (scorelab sample draws one)", file=sys.stderr)
+            else:
+                on_sample(self)
         return {"step": self.step, "status": status, "elapsed": self.elapsed, "steps_this_run": self.step - start_step}
 
     def sampling_modules(self, use_ema: bool = True) -> dict[str, nn.Module]:

@@ -1,0 +1,142 @@
+"""What the verbs share: errors, presets, config overrides, data loading, class labels, options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+__all__ = ["UsageError", "DEFAULT_PRESET", "presets_dir", "preset_names", "resolve_config", "parse_overrides",
+           "split_overrides", "load_data", "build", "parse_classes", "given", "tty"]
+
+DEFAULT_PRESET = "fmnist-rf"
+
+
+class UsageError(ValueError):
+    """A bad command line (one line, exit 2)."""
+
+
+def tty() -> bool:
+    """Progress bars only on a terminal."""
+    return sys.stderr.isatty()
+
+
+def presets_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def resolve_config(arg: str | None) -> dict:
+    """The config mapping of a YAML file or a preset name (default: the default preset)."""
+    from ..train.config import load_yaml
+
+    if arg is None:
+        arg = DEFAULT_PRESET
+    p = Path(arg)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return load_yaml(p)
+    preset = presets_dir() / f"{arg}.yaml"
+    if preset.is_file():
+        return load_yaml(preset)
+    raise UsageError(f"config {arg!r} is neither a file nor a preset (presets: {', '.join(preset_names())})")
+
+
+def parse_overrides(rest: list[str]) -> list[tuple[str, object]]:
+    """``--a.b value`` / ``--a.b=value`` pairs from the unparsed command-line tail."""
+    from ..train.config import parse_value
+
+    out, i = [], 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise UsageError(f"unexpected argument {tok!r} (overrides look like --train.steps 100)")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise UsageError(f"override --{key} needs a value")
+            val = rest[i + 1]
+            i += 2
+        out.append((key, parse_value(val)))
+    return out
+
+
+_TRAIN_FLAGS = {"--runs", "--resume", "--no-progress", "--help", "-h"}
+_TRAIN_FLAGS_WITH_VALUE = {"--runs", "--resume"}
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``train``'s config overrides (``--key value`` / ``--key=value``) from its own flags,
+    so that an override's value is never taken for the positional CONFIG."""
+    if not argv or argv[0] != "train":
+        return argv, []
+    keep, overrides, i = [argv[0]], [], 1
+    while i < len(argv):
+        tok = argv[i]
+        flag = tok.split("=", 1)[0]
+        if tok.startswith("--") and flag not in _TRAIN_FLAGS:
+            if "=" in tok:
+                overrides.append(tok)
+                i += 1
+            else:
+                overrides.extend(argv[i : i + 2])
+                i += 2
+        else:
+            keep.append(tok)
+            if flag in _TRAIN_FLAGS_WITH_VALUE and "=" not in tok and i + 1 < len(argv):
+                keep.append(argv[i + 1])
+                i += 1
+            i += 1
+    return keep, overrides
+
+
+def load_data(cfg, split: str = "train"):
+    """The run's dataset split (``test``: the held-out split, see :func:`scorelab.data.load_split`)."""
+    from ..data import load_split
+
+    return load_split(cfg.data.name, split, holdout=cfg.data.holdout, **cfg.data.options)
+
+
+def build(cfg, dataset):
+    """The run's family for ``dataset``, its weights initialised from ``cfg.seed``, references opened."""
+    from ..runs import build_family, data_spec
+
+    return build_family(cfg, data_spec(cfg, dataset))
+
+
+def parse_classes(values, data, n_classes: int = 0):
+    """(k,) labels from ``--class`` values, each an index or a class name of the data.
+
+    ``n_classes``: the range to check against when the model itself is unconditional (a guiding
+    classifier's classes); otherwise the model's conditional classes."""
+    import torch
+
+    if not values:
+        return None
+    k = data.conditional_classes or n_classes
+    if not k:
+        raise UsageError("--class needs a class-conditional run (data.class_conditional: true) or --classifier")
+    names = [str(c).lower() for c in (data.class_names or ())]
+    out = []
+    for v in values:
+        s = str(v)
+        if s.lstrip("-").isdigit():
+            i = int(s)
+        elif s.lower() in names:
+            i = names.index(s.lower())
+        else:
+            known = f" (classes: {', '.join(data.class_names)})" if data.class_names else ""
+            raise UsageError(f"--class {s!r} is neither an index nor a class name of this data{known}")
+        if not 0 <= i < k:
+            raise UsageError(f"--class {s} is out of range 0..{k - 1}")
+        out.append(i)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def given(args, *names) -> dict:
+    """``{name: value}`` of the command-line options the user set (not None)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
