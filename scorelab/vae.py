@@ -238,7 +238,7 @@ class GaussianDecoder(Decoder):
         if variance == "pixel" and not shape:
             raise ValueError("GaussianDecoder: variance='pixel' needs the data shape (shape=(C, H, W) or (D,))")
         self.variance = variance  # how s is chosen: fixed / global / pixel / output
-        self.std = float(std)  # the fixed s, or the initial s of a learned one
+        self.std = float(std)  # the fixed s (reconstruction weight 1 / (2 s^2)), or the initial s of a learned one
         self.min_std = float(min_std)  # floor of a learned s
         self.num_params = 2 if variance == "output" else 1
         if variance == "global":
@@ -309,7 +309,7 @@ class DiscretizedGaussianDecoder(Decoder):
     """``P(k | z)`` of 8-bit values ``k in {0..255}``: ``N(mu(z), s(z)^2)`` integrated over each value's bin.
 
     ``params[:, 0] = mu`` (model space), ``params[:, 1] = log s - log std`` (so an output of 0 means
-    ``s = std``). The bins are those of :func:`scorelab.quantize.discretized_gaussian_log_prob`
+    ``s = std``; softly capped at ``max_std``, see :meth:`log_scale`). The bins are those of :func:`scorelab.quantize.discretized_gaussian_log_prob`
     (THE decoder of the project, also the diffusion ELBO's reconstruction term): value ``k`` sits
     at ``x_k = k / 127.5 - 1`` with bin ``[x_k - 1/255, x_k + 1/255]``, the end bins open to
     ``-inf`` / ``+inf``, so the 256 probabilities sum to one and ``log_prob`` is a log probability
@@ -321,17 +321,24 @@ class DiscretizedGaussianDecoder(Decoder):
     num_params = 2
     discrete = True
 
-    def __init__(self, std: float = 0.1, min_std: float = 0.0):
+    def __init__(self, std: float = 1.0, min_std: float = 0.0, max_std: float = 10.0):
         super().__init__()
         if not (math.isfinite(std) and std > 0):
             raise ValueError(f"DiscretizedGaussianDecoder: std must be a positive number, got {std!r}")
         if not 0 <= min_std < std:
             raise ValueError(f"DiscretizedGaussianDecoder: min_std must lie in [0, std={std}), got {min_std!r}")
-        self.std = float(std)  # s when the network's log-scale output is 0
-        self.min_std = float(min_std)  # floor of s (0: none; the bins keep log P finite anyway)
+        if not (math.isfinite(max_std) and max_std > std):
+            raise ValueError(f"DiscretizedGaussianDecoder: max_std must be a number > std={std}, got {max_std!r}")
+        self.std = float(std)  # s when the network's log-scale output is 0 (1: a stable start; 0.1 began at ~50 bits/dim)
+        self.min_std = float(min_std)  # hard floor of s (0: none; the bins keep log P finite anyway)
+        self.max_std = float(max_std)  # soft ceiling of s: beyond ~1e14 a bin's probability rounds to 0 in float64
 
     def log_scale(self, params: Tensor) -> Tensor:
-        ls = params[:, 1] + math.log(self.std)
+        """``log s = log max_std - softplus(log max_std - (params[:, 1] + log std))``: ~ the raw value well
+        below the ceiling, never above it, with a gradient everywhere (an early, unstable training step
+        that pushes the raw value up by tens cannot reach a scale whose bins underflow to -inf)."""
+        top = math.log(self.max_std)
+        ls = top - F.softplus(top - (params[:, 1] + math.log(self.std)))
         return ls.clamp_min(math.log(self.min_std)) if self.min_std > 0 else ls
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:

@@ -156,12 +156,28 @@ def test_discretized_gaussian_decoder_sums_to_one_over_256_values():
     lp = dec.log_prob(k[:, None], params).view(n, 256)
     torch.testing.assert_close(lp.exp().sum(1), torch.ones(n, dtype=F64), rtol=1e-12, atol=1e-12)
     # the same numbers as the project's one decoder, from uint8 or model-space input
-    ref = discretized_gaussian_log_prob(k, params[:, 0, 0], 0.1 * params[:, 1, 0].exp())
-    torch.testing.assert_close(lp.flatten(), ref, rtol=1e-12, atol=0)  # exp(l + log 0.1) vs 0.1 exp(l): rounding
+    ref = discretized_gaussian_log_prob(k, params[:, 0, 0], dec.log_scale(params)[:, 0].exp())
+    torch.testing.assert_close(lp.flatten(), ref, rtol=0, atol=0)
     torch.testing.assert_close(dec.log_prob(to_model(k[:, None], F64), params), lp.flatten(), rtol=0, atol=0)
     assert dec.discrete and not GaussianDecoder().discrete
     s = dec.sample(params[:512], _gen(7))  # samples are grid values
     torch.testing.assert_close(s, to_model(((s + 1) * 127.5).round().to(torch.uint8), F64))
+
+
+def test_discretized_decoder_scale_is_softly_capped():
+    """s = 0.1 exp(l) for small l, increasing, never above max_std, so a wild early training step stays
+    finite (at s ~ 1e14 every bin's probability rounds to 0 in float64) and keeps a gradient."""
+    dec = DiscretizedGaussianDecoder(std=0.1, max_std=10.0)
+    raw = torch.tensor([-3.0, 0.0, 1.0, 30.0, 1000.0], dtype=F64)
+    params = torch.stack([torch.zeros(5, dtype=F64), raw], 1)[:, :, None].requires_grad_(True)  # (5, 2, 1)
+    s = dec.log_scale(params)[:, 0].exp().detach()
+    # log s = log 10 - softplus(log 10 - log 0.1 - l) = l + log 0.1 - log(1 + e^(l - log 100)): rel. 5e-4 at l = -3
+    assert float(s[0]) == pytest.approx(0.1 * math.exp(-3), rel=1e-3)
+    assert bool((s[1:4] > s[:3]).all()) and bool((s <= 10.0 * (1 + 1e-12)).all()) and float(s[-1]) == pytest.approx(10.0)
+    lp = dec.log_prob(torch.zeros(5, 1, dtype=torch.uint8), params)
+    assert torch.isfinite(lp).all()
+    lp.sum().backward()
+    assert float(params.grad[3, 1, 0]) != 0.0
 
 
 def test_make_decoder_registry():
