@@ -92,30 +92,45 @@ def save_scatter(x: Tensor, path, reference: Tensor | None = None, title: str = 
     return Path(path)
 
 
-def plot_loss_curve(metrics_jsonl, path) -> Path | None:
-    """Loss against step from a run's ``metrics.jsonl`` (log scale when positive)."""
-    steps, losses = [], []
+_BOOKKEEPING = ("step", "lr", "it_s", "ex_s", "elapsed")
+
+
+def plot_loss_curve(metrics_jsonl, path, max_panels: int = 6) -> Path | None:
+    """Every metric of a run's ``metrics.jsonl`` against step, one panel each (losses first, log
+    scale when positive; bookkeeping such as lr and throughput left out). A single logged point is
+    drawn as a marker, so even a short run has a picture."""
     p = Path(metrics_jsonl)
     if not p.is_file():
         return None
+    series: dict[str, tuple[list, list]] = {}
     for line in p.read_text().splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "loss" in r:
-            steps.append(r["step"])
-            losses.append(r["loss"])
-    if not steps:
+        for k, v in r.items():
+            if k in _BOOKKEEPING or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            series.setdefault(k, ([], []))
+            series[k][0].append(r.get("step", 0))
+            series[k][1].append(v)
+    if not series:
         return None
+    keys = sorted(series, key=lambda k: (not k.startswith("loss"), k.startswith("grad"), list(series).index(k)))[:max_panels]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(steps, losses, lw=1.2)
-    if min(losses) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), dpi=100, squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        steps, vals = series[k]
+        ax.plot(steps, vals, lw=1.2, marker="o" if len(vals) < 3 else None)
+        if min(vals) > 0 and max(vals) / min(vals) > 20:
+            ax.set_yscale("log")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)

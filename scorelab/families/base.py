@@ -250,6 +250,9 @@ class RunLike(Protocol):
     data: DataSpec  # the data it was trained on
 
 
+LIBRARY_OPTIONS = ("callback", "grid_options", "sampler_options")  # sample options with no command-line flag
+
+
 # --------------------------------------------------------------------------------------
 # The base class
 # --------------------------------------------------------------------------------------
@@ -387,6 +390,17 @@ class Family:
         ``[-span, span]`` and the others held at the reference's posterior mean: (len(dims) n, *shape)."""
         raise CapabilityError(f"{self.name} runs cannot draw latent traversals")
 
+    def monitor_every(self) -> int:
+        """Steps between :meth:`monitor` calls during training (0: never)."""
+        return 0
+
+    def monitor(self, modules: dict, ctx) -> dict:
+        """Numbers to watch while training, from the EMA ``modules`` (e.g. a GAN's FID on a fixed
+        set of samples, since its losses do not say whether it improves). ``ctx``: ``step``, ``x``
+        (up to 2000 raw training examples, a fixed set), ``seed``. Must not touch the training
+        random streams (draw from seeded generators). Written to ``metrics.jsonl`` as its own row."""
+        return {}
+
     def evaluate(self, modules: dict, ev) -> dict:
         """Numbers of this family's own (e.g. a classifier's accuracy, a VAE's active units), given
         the evaluation context ``ev`` (:class:`scorelab.eval.EvalContext`). Default: none."""
@@ -398,7 +412,8 @@ class Family:
         allowed = tuple(allowed)
         for k in options:
             if k not in allowed:
-                takes = ", ".join("--" + a.replace("_", "-") for a in allowed) or "no options"
+                flags = [a for a in allowed if a not in LIBRARY_OPTIONS]
+                takes = ", ".join("--" + a.replace("_", "-") for a in flags) or "no options"
                 raise CapabilityError(f"--{k.replace('_', '-')} does not apply to {self.name} runs ({verb} takes: {takes})")
 
     def autocast(self, device: torch.device | str):

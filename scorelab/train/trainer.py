@@ -335,6 +335,9 @@ class Trainer:
                     self.save()
                 if on_sample is not None and self.tc.sample_every and self.step % self.tc.sample_every == 0 and self.step < self.tc.steps:
                     on_sample(self)
+                every = self.family.monitor_every()
+                if every and self.step % every == 0:
+                    self._monitor(metrics_f)
         except KeyboardInterrupt:
             status = "interrupted"
         finally:
@@ -349,6 +352,16 @@ class Trainer:
             else:
                 on_sample(self)
         return {"step": self.step, "status": status, "elapsed": self.elapsed, "steps_this_run": self.step - start_step}
+
+    def _monitor(self, metrics_f) -> None:
+        """The family's watch numbers (:meth:`Family.monitor`) from the EMA modules, as their own metrics row."""
+        from types import SimpleNamespace
+
+        with torch.no_grad():
+            out = self.family.monitor(self.sampling_modules(), SimpleNamespace(step=self.step, x=self.x[:2000], seed=0))
+        if out:
+            metrics_f.write(json.dumps({"step": self.step, **{k: float(v) for k, v in out.items()}}) + "\n")
+            metrics_f.flush()
 
     def sampling_modules(self, use_ema: bool = True) -> dict[str, nn.Module]:
         """Copies of the modules in eval mode, with EMA weights when available."""
