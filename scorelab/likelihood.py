@@ -48,6 +48,7 @@ import math
 import torch
 from torch import Tensor
 
+from .estimators import probes
 from .paths import DDPMDiscrete, Path
 from .quantize import bits_per_dim, dequantize, discretized_gaussian_log_prob, nats_to_bits_per_dim, to_model
 from .random import Generator, rand, randn
@@ -75,19 +76,6 @@ def default_t_start(path: Path) -> float:
     convolved with ``N(0, sigma(t_min)^2)`` (as in Song et al. 2021, who start at 1e-5).
     """
     return float(path.t_min)
-
-
-def _probes(shape, kind: str, n: int, generator: Generator, dtype, device) -> Tensor:
-    """``n`` probe vectors per example: (n, B, ...), each entry Rademacher (+-1) or N(0, 1)."""
-    B = shape[0]
-    if kind == "rademacher":
-        z = rand((B, n) + tuple(shape[1:]), generator=generator, dtype=dtype, device=device)
-        z = torch.where(z < 0.5, -1.0, 1.0).to(dtype)
-    elif kind == "gaussian":
-        z = randn((B, n) + tuple(shape[1:]), generator=generator, dtype=dtype, device=device)
-    else:
-        raise ValueError(f"unknown probe {kind!r}: expected 'rademacher' or 'gaussian'")
-    return z.transpose(0, 1).contiguous()
 
 
 def pf_ode_log_likelihood(
@@ -158,7 +146,7 @@ def pf_ode_log_likelihood(
     x = x.detach()
     B = x.shape[0]
     D = x[0].numel()
-    z = _probes(x.shape, probe, n_probes, generator, x.dtype, x.device) if trace == "hutchinson" else None
+    z = probes(x.shape, probe, n_probes, generator, x.dtype, x.device) if trace == "hutchinson" else None
     nfe = [0]
 
     def velocity(t: Tensor, xt: Tensor) -> Tensor:

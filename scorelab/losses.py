@@ -15,7 +15,6 @@ All losses return per-example values of shape (B,); the caller reduces them (EDM
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 

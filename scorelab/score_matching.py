@@ -33,7 +33,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .random import Generator, rand, randn
+from .estimators import EXACT_TRACE_MAX_DIM, PROBES, _check_count, _check_x, _dot, _sq, check_probe, exact_trace, hutchinson_trace, vjp_probes
+from .random import Generator, randn
+
+ScoreFn = Callable[[Tensor], Tensor]
 
 __all__ = [
     "EXACT_TRACE_MAX_DIM",
@@ -46,119 +49,7 @@ __all__ = [
     "denoising_score_matching",
 ]
 
-EXACT_TRACE_MAX_DIM = 64  # above this many dimensions the exact trace (D backward passes) is refused
 ESTIMATORS = ("exact", "hutchinson")
-PROBES = ("rademacher", "gaussian")
-
-ScoreFn = Callable[[Tensor], Tensor]
-
-
-# --- checks and helpers ------------------------------------------------------------------
-def _check_x(x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.ndim < 2 or not x.is_floating_point():
-        desc = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a floating-point tensor of shape (B, *shape), got {desc}")
-    if x.shape[0] == 0 or x[0].numel() == 0:
-        raise ValueError(f"x must have at least one example and one dimension, got shape {tuple(x.shape)}")
-
-
-def _check_count(name: str, n) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
-
-
-def _check_probe(probe: str) -> None:
-    if probe not in PROBES:
-        raise ValueError(f"probe {probe!r} is unknown: expected one of {', '.join(PROBES)}")
-
-
-def _score(score_fn: ScoreFn, x: Tensor) -> Tensor:
-    """``score_fn(x)`` with its shape checked against ``x: (B, *shape)``."""
-    s = score_fn(x)
-    if not isinstance(s, Tensor) or s.shape != x.shape:
-        got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-        raise ValueError(f"score_fn must return a tensor of the shape of x {tuple(x.shape)}, got {got}")
-    return s
-
-
-def _leaf(x: Tensor) -> Tensor:
-    """``x`` as a tensor that requires grad (a detached copy unless it already does)."""
-    return x if x.requires_grad else x.detach().requires_grad_(True)
-
-
-def _probe(shape, probe: str, generator: Generator, dtype, device) -> Tensor:
-    """One probe ``v`` of ``shape`` with ``E[v v^T] = I``: Rademacher (+-1) or standard Gaussian."""
-    if probe == "gaussian":
-        return randn(shape, generator=generator, dtype=dtype, device=device)
-    return torch.where(rand(shape, generator=generator, dtype=dtype, device=device) < 0.5, -1.0, 1.0).to(dtype)
-
-
-def _sq(v: Tensor) -> Tensor:
-    """Per-example squared norm: (B, ...) -> (B,)."""
-    return v.pow(2).flatten(1).sum(1)
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-example inner product: (B, ...) x (B, ...) -> (B,)."""
-    return (a * b).flatten(1).sum(1)
-
-
-# --- traces ------------------------------------------------------------------------------
-def exact_trace(score_fn: ScoreFn, x: Tensor, max_dim: int = EXACT_TRACE_MAX_DIM) -> tuple[Tensor, Tensor]:
-    """``(s, tr(grad_x s))`` at ``x: (B, *shape)``: s (B, *shape), the trace (B,).
-
-    One backward pass per dimension ``d``: ``d s_d / d x_d`` is read off the gradient of
-    ``sum_b s_d(x_b)``. Refused (ValueError) above ``max_dim`` dimensions. The graph is kept
-    (``create_graph``) when gradients are enabled, so the trace can be trained through.
-    """
-    _check_x(x)
-    D = x[0].numel()
-    if D > max_dim:
-        raise ValueError(f"the exact trace needs {D} backward passes (more than max_dim={max_dim}): "
-                         f"use estimator='hutchinson' or sliced_score_matching for x of shape {tuple(x.shape)}")
-    train = torch.is_grad_enabled()
-    with torch.enable_grad():
-        xg = _leaf(x)
-        s = _score(score_fn, xg)
-        sf = s.flatten(1)  # (B, D)
-        diag = []
-        for d in range(D):
-            (g,) = torch.autograd.grad(sf[:, d].sum(), xg, create_graph=train, retain_graph=True)
-            diag.append(g.flatten(1)[:, d])  # (B,)
-        tr = torch.stack(diag, 1).sum(1)  # (B,)
-    return (s, tr) if train else (s.detach(), tr.detach())
-
-
-def _vjp_probes(score_fn: ScoreFn, x: Tensor, n: int, probe: str, generator: Generator):
-    """``(s, [(v_k, J^T v_k)])`` for ``n`` probes, ``J = grad_x s``; all (B, *shape)."""
-    train = torch.is_grad_enabled()
-    with torch.enable_grad():
-        xg = _leaf(x)
-        s = _score(score_fn, xg)
-        out = []
-        for _ in range(n):
-            v = _probe(x.shape, probe, generator, x.dtype, x.device)
-            (jv,) = torch.autograd.grad(_dot(s, v).sum(), xg, create_graph=train, retain_graph=True)
-            out.append((v, jv))
-    if not train:
-        s, out = s.detach(), [(v, jv.detach()) for v, jv in out]
-    return s, out
-
-
-def hutchinson_trace(score_fn: ScoreFn, x: Tensor, n_probes: int = 1, probe: str = "rademacher",
-                     generator: Generator = None) -> tuple[Tensor, Tensor]:
-    """``(s, mean_k v_k^T (grad_x s) v_k)`` at ``x: (B, *shape)``: an unbiased estimate of the trace (B,).
-
-    ``E[v v^T] = I`` makes ``E[v^T J v] = tr(J)`` (Hutchinson 1989). Per probe the variance is
-    ``2 (||S||_F^2 - sum_i S_ii^2)`` for Rademacher and ``2 ||S||_F^2`` for Gaussian probes, with
-    ``S = (J + J^T) / 2``.
-    One backward pass per probe (``v^T J v`` from the vector-Jacobian product ``J^T v``).
-    """
-    _check_x(x)
-    _check_count("n_probes", n_probes)
-    _check_probe(probe)
-    s, pairs = _vjp_probes(score_fn, x, n_probes, probe, generator)
-    return s, torch.stack([_dot(v, jv) for v, jv in pairs]).mean(0)
 
 
 # --- the losses --------------------------------------------------------------------------
@@ -207,10 +98,10 @@ def sliced_score_matching(score_fn: ScoreFn, x: Tensor, n_projections: int = 1, 
     """
     _check_x(x)
     _check_count("n_projections", n_projections)
-    _check_probe(probe)
+    check_probe(probe)
     if not isinstance(variance_reduced, bool):
         raise ValueError(f"variance_reduced must be a bool, got {variance_reduced!r}")
-    s, pairs = _vjp_probes(score_fn, x, n_projections, probe, generator)
+    s, pairs = vjp_probes(score_fn, x, n_projections, probe, generator)
     jac = torch.stack([_dot(v, jv) for v, jv in pairs]).mean(0)  # (B,)
     if variance_reduced:
         return jac + 0.5 * _sq(s)

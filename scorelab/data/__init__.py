@@ -105,6 +105,11 @@ def load_dataset(name: str = DEFAULT_DATASET, **opts):
     bad = sorted(set(opts) - set(allowed))
     if bad:
         raise ValueError(f"dataset {name!r} takes no option {bad}; its options are {allowed}")
+    required = [p.name for p in inspect.signature(DATASETS[name]).parameters.values()
+                if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    missing = [r for r in required if r not in opts]
+    if missing:
+        raise DataError(f"dataset {name!r} needs data.options.{missing[0]} (e.g. --data.options.{missing[0]} FILE)")
     return DATASETS[name](**opts)
 
 

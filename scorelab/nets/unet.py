@@ -47,7 +47,6 @@ remove it visibly, so it is off.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

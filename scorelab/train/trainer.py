@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from .config import RunConfig
 
 __all__ = ["Trainer", "StepContext", "EMA", "resolve_device", "TrainingError"]
