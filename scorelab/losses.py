@@ -221,7 +221,7 @@ def diffusion_loss(
         eps = randn_like(x0, generator)
     c = path.coefficients(t)
     cx = c.to(x0)
-    x_t = cx.alpha * x0 + cx.sigma * eps
+    x_t = c.corrupt(x0, eps)
     pred = model(x_t, t, kind=target, **(cond or {}))
     true = from_x0_eps(x0, eps, target, cx)
     w = weighting(weighting_name, c, target, **(weighting_opts or {})).to(x0.dtype)

@@ -74,6 +74,10 @@ class Coefficients:
         """``lambda'(t) = 2 (alpha'/alpha - sigma'/sigma)``."""
         return 2 * (self.d_alpha / self.alpha - self.d_sigma / self.sigma)
 
+    def corrupt(self, x0: Tensor, eps: Tensor) -> Tensor:
+        """THE forward corruption ``x_t = alpha x_0 + sigma eps`` (coefficients broadcast against ``x0: (B, ...)``)."""
+        return broadcast_to(self.alpha, x0) * x0 + broadcast_to(self.sigma, x0) * eps
+
 
 class Path:
     """Base class: subclasses give ``alpha``, ``sigma`` and their derivatives in closed form."""
@@ -160,8 +164,7 @@ class Path:
 
     def sample_xt(self, x0: Tensor, t, eps: Tensor) -> Tensor:
         """``x_t = alpha(t) x_0 + sigma(t) eps`` with ``t: (B,)`` and ``x0, eps: (B, ...)``."""
-        c = self.coefficients(t)
-        return broadcast_to(c.alpha, x0) * x0 + broadcast_to(c.sigma, x0) * eps
+        return self.coefficients(t).corrupt(x0, eps)
 
     def _invert_monotone(self, lam: Tensor, iters: int = 80) -> Tensor:
         """Bisection for ``t`` with ``log_snr(t) = lam`` on ``[t_min, t_max]`` (log-SNR decreases)."""
@@ -282,16 +285,37 @@ class DDPMDiscrete(Path):
     Between integers ``log alphabar`` is interpolated linearly, which makes the path exactly a
     VP SDE with piecewise-constant ``beta(t) = -log(1 - beta_k)``; continuous samplers can run on it.
     ``t = -1`` is the clean time (``alphabar = 1``).
+
+    The table is built from ``schedule`` (with ``T``, ``beta_start``, ``beta_end``), or given:
+    ``betas`` (T,) in (0, 1), or ``alphas_cumprod`` (T,) strictly decreasing in (0, 1] (e.g. another
+    library's float32 table, to compare samplers on exactly its path); ``T`` is then its length.
     """
 
     name = "ddpm"
     discrete = True
 
-    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, schedule: str = "linear"):
-        self.T = T  # number of diffusion steps
+    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, schedule: str = "linear",
+                 betas=None, alphas_cumprod=None):
+        if betas is not None and alphas_cumprod is not None:
+            raise ValueError("DDPMDiscrete: give betas or alphas_cumprod, not both")
         self.beta_start, self.beta_end = beta_start, beta_end  # linear table end points
-        self.schedule = schedule  # "linear" | "cosine" | "scaled_linear"
-        if schedule == "linear":
+        self.schedule = schedule  # "linear" | "cosine" | "scaled_linear"; "table" when betas / alphas_cumprod are given
+        if alphas_cumprod is not None:
+            ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().clone()
+            if ab.ndim != 1 or ab.numel() < 2 or not bool(torch.isfinite(ab).all()):
+                raise ValueError(f"alphas_cumprod must be a finite 1-D table of at least 2 entries, got shape {tuple(ab.shape)}")
+            if not (bool((ab > 0).all()) and bool((ab <= 1).all()) and bool((ab[1:] < ab[:-1]).all())):
+                raise ValueError("alphas_cumprod must lie in (0, 1] and decrease strictly")
+            logab = torch.log(ab)
+            betas = -torch.expm1(torch.diff(logab, prepend=torch.zeros(1, dtype=torch.float64)))
+            self.schedule, T = "table", ab.numel()
+        elif betas is not None:
+            betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+            if betas.ndim != 1 or betas.numel() < 2 or not (bool((betas > 0).all()) and bool((betas < 1).all())):
+                raise ValueError("betas must be a 1-D table of at least 2 entries in (0, 1)")
+            logab = torch.cumsum(torch.log1p(-betas), 0)
+            self.schedule, T = "table", betas.numel()
+        elif schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
         elif schedule == "scaled_linear":
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
@@ -302,12 +326,18 @@ class DDPMDiscrete(Path):
             betas = (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
         else:
             raise ValueError(f"unknown DDPM schedule {schedule!r}: expected linear, scaled_linear or cosine")
+        if self.schedule != "table":
+            logab = torch.cumsum(torch.log1p(-betas), 0)
+        self.T = T  # number of diffusion steps
         self.betas = betas
         # log alphabar at t = -1, 0, ..., T-1
-        self._logab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+        self._logab = torch.cat([torch.zeros(1, dtype=torch.float64), logab])
         self.t_min, self.t_max, self.t_clean = 0.0, float(T - 1), -1.0
 
     def __repr__(self) -> str:
+        if self.schedule == "table":
+            ab = self.alphas_cumprod()
+            return f"DDPMDiscrete(T={self.T}, schedule='table', alphas_cumprod=[{float(ab[0]):.6g} .. {float(ab[-1]):.6g}])"
         return f"DDPMDiscrete(T={self.T}, beta_start={self.beta_start}, beta_end={self.beta_end}, schedule={self.schedule!r})"
 
     def c_noise(self, t) -> Tensor:
@@ -509,16 +539,23 @@ def _grid_logsnr(path: Path, n: int, **_) -> Tensor:
 def _grid_shift(path: Path, n: int, shift: float = 3.0, **_) -> Tensor:
     """Resolution-dependent shift (Esser et al. 2024, seed 001): uniform times pushed toward noise.
 
-    For rectified flow ``t' = shift t / (1 + (shift - 1) t)``; in general the VE-equivalent noise
-    ``sigma/alpha`` is multiplied by ``shift``, i.e. ``lambda' = lambda - 2 log(shift)``.
+    For rectified flow ``t' = shift t / (1 + (shift - 1) t)``, i.e. the noise-to-signal ratio
+    ``sigma/alpha = t/(1-t)`` multiplied by ``shift``. It is meant for rectified flow only (more
+    pixels keep more signal at a given noise level). On any other path the same map is applied to
+    the normalised time ``u = (t - t_min) / (t_max - t_min)``, a bijection of ``[0, 1]``, so the
+    grid never repeats a time (multiplying a VP path's bounded ``sigma/alpha`` by ``shift`` would
+    clamp many times to ``t_max``); :func:`scorelab.samplers.sample` warns about that combination.
     """
     if shift <= 0:
         raise ValueError(f"grid shift must be positive, got {shift}")
-    t = _grid_uniform(path, n)
     if isinstance(path, RectifiedFlow):
+        t = _grid_uniform(path, n)
         return shift * t / (1 + (shift - 1) * t)
-    lo, hi = _log_snr_range(path)
-    return _from_log_snr(path, (path.log_snr(t) - 2 * math.log(shift)).clamp(lo, hi))
+    u = torch.linspace(1.0, 0.0, n, dtype=torch.float64)
+    u = shift * u / (1 + (shift - 1) * u)
+    t = path.t_min + u * (path.t_max - path.t_min)
+    t[0], t[-1] = path.t_max, path.t_min
+    return t
 
 
 def _from_log_snr(path: Path, lam: Tensor) -> Tensor:
@@ -550,5 +587,10 @@ def time_grid(path: Path, steps: int, kind: str = "uniform", clean_end: bool = T
             ts = torch.tensor([path.t_max], dtype=torch.float64)
         else:
             ts = GRIDS[kind](path, steps, **kwargs)
-        return torch.cat([ts, torch.tensor([path.t_clean], dtype=torch.float64)])
-    return GRIDS[kind](path, steps + 1, **kwargs)
+        ts = torch.cat([ts, torch.tensor([path.t_clean], dtype=torch.float64)])
+    else:
+        ts = GRIDS[kind](path, steps + 1, **kwargs)
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"time grid {kind!r} with {steps} steps on {path!r} repeats a time or is not decreasing: "
+                         f"{ts.tolist()}")
+    return ts

@@ -272,7 +272,7 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
     eps = randn((B, n_t, *x.shape[1:]), generator=generator, dtype=xf.dtype, device=dev).flatten(0, 1)
     xr = xf.repeat_interleave(n_t, dim=0)  # (R, ...)
     c = path.coefficients(t)
-    z = broadcast_to(c.alpha, xr) * xr + broadcast_to(c.sigma, xr) * eps
+    z = c.corrupt(xr, eps)
     cond_r = {kk: v.repeat_interleave(n_t, dim=0) for kk, v in (cond or {}).items()}
     pred = denoiser.predict(z, t, **cond_r)
     if time_sampling == "t":
