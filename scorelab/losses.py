@@ -47,27 +47,27 @@ def per_example_mse(a: Tensor, b: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 # Weightings lambda(t), applied to the MSE of the chosen target
 # --------------------------------------------------------------------------------------
-def _w_constant(c: Coefficients, target: str, **_) -> Tensor:
+def _w_constant(c: Coefficients, target: str) -> Tensor:
     return torch.ones_like(c.alpha)
 
 
-def _w_sigma2(c: Coefficients, target: str, **_) -> Tensor:
+def _w_sigma2(c: Coefficients, target: str) -> Tensor:
     """NCSN (seed 000 §3.5): lambda = sigma^2 on the score target balances the noise levels."""
     return c.sigma**2
 
 
-def _w_snr(c: Coefficients, target: str, **_) -> Tensor:
+def _w_snr(c: Coefficients, target: str) -> Tensor:
     """SNR-weighted x_0 loss ``SNR |x_0 - x0_pred|^2`` (= the plain eps loss), moved to ``target``."""
     return (c.alpha / c.sigma) ** 2 / mse_factor(target, c)
 
 
-def _w_min_snr(c: Coefficients, target: str, gamma: float = 5.0, **_) -> Tensor:
-    """Min-SNR-gamma (Hang et al. 2023): ``min(SNR, gamma) |x_0 - x0_pred|^2``, moved to ``target``."""
+def _w_min_snr(c: Coefficients, target: str, snr_cap: float = 5.0) -> Tensor:
+    """Min-SNR-gamma (Hang et al. 2023; their gamma is ``snr_cap``): ``min(SNR, snr_cap) |x_0 - x0_pred|^2``, moved to ``target``."""
     snr = (c.alpha / c.sigma) ** 2
-    return snr.clamp(max=gamma) / mse_factor(target, c)
+    return snr.clamp(max=snr_cap) / mse_factor(target, c)
 
 
-def _w_edm(c: Coefficients, target: str, sigma_data: float = 0.5, **_) -> Tensor:
+def _w_edm(c: Coefficients, target: str, sigma_data: float = 0.5) -> Tensor:
     """EDM (Karras et al. 2022): ``(s^2 + s_d^2)/(s s_d)^2`` on the x_0 loss with s = sigma/alpha."""
     s = c.sigma / c.alpha
     w_x0 = (s**2 + sigma_data**2) / (s * sigma_data) ** 2
@@ -86,13 +86,19 @@ WEIGHTINGS: dict[str, Callable[..., Tensor]] = {
 def weighting(name: str, c: Coefficients, target: str, **opts) -> Tensor:
     """lambda(t) for the MSE of ``target``.
 
-    ``constant``: 1; ``sigma2``: sigma^2 (NCSN); ``snr``: SNR on x_0; ``min_snr``: min(SNR, gamma)
+    ``constant``: 1; ``sigma2``: sigma^2 (NCSN); ``snr``: SNR on x_0; ``min_snr``: min(SNR, snr_cap)
     on x_0; ``edm``: EDM's lambda(sigma) on x_0. Weightings defined on the x_0 error are moved to
     other targets through :func:`scorelab.targets.mse_factor`, so the optimum and the effective
     weighting are the same whatever the network predicts.
     """
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name!r}: expected one of {', '.join(WEIGHTINGS)}")
+    import inspect
+
+    known = [p for p in inspect.signature(WEIGHTINGS[name]).parameters if p not in ("c", "target")]
+    bad = sorted(set(opts) - set(known))
+    if bad:
+        raise ValueError(f"weighting {name!r} takes no option {bad[0]!r} (its options: {', '.join(known) or 'none'})")
     return WEIGHTINGS[name](c, target, **opts)
 
 

@@ -29,9 +29,9 @@ from .paths import Coefficients, Path, broadcast_to
 from .quantize import discretized_gaussian_log_prob, to_model
 from .random import Generator, rand, randn
 
-__all__ = ["LearnedLogSNR", "LearnedVPPath", "continuous_elbo_terms", "PARAMETERIZATIONS"]
+__all__ = ["LearnedLogSNR", "LearnedVPPath", "continuous_elbo_terms", "TARGETS"]
 
-PARAMETERIZATIONS = ("x0", "eps", "score")
+TARGETS = ("x0", "eps", "score")
 
 
 def _inv_softplus(y: float) -> float:
@@ -182,7 +182,7 @@ def _flat_sum(v: Tensor) -> Tensor:
 
 def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_min: float | None = None,
                           t_max: float | None = None, n_t: int = 1, low_discrepancy: bool = False,
-                          parameterization: str = "x0", cond: dict | None = None, time_sampling: str = "t") -> dict:
+                          target: str = "x0", cond: dict | None = None, time_sampling: str = "t") -> dict:
     """Per-example terms of the negative continuous-time ELBO of ``denoiser`` (any scorelab path).
 
     Args:
@@ -202,7 +202,7 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
         n_t: times per example; the diffusion term averages over them.
         low_discrepancy: stratified times ``u_r = (u_0 + r / R) mod 1`` over the ``R = B n_t`` rows
             (VDM's variance reduction; couples the examples of a batch).
-        parameterization: the diffusion term's form, ``x0`` (``-SNR' |x - x0_hat|^2``), ``eps``
+        target: the diffusion term's form (the regression target it is written in), ``x0`` (``-SNR' |x - x0_hat|^2``), ``eps``
             (``gamma' |eps - eps_hat|^2``) or ``score`` (``gamma' sigma^2 |-eps/sigma - s_hat|^2``);
             all equal in value.
         cond: conditioning passed to the denoiser, per example (repeated over ``n_t``).
@@ -217,8 +217,8 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
     sum), the scalar ``stderr`` (standard error of ``total.mean()`` over the batch) and ``units``.
     Coefficients and predictions keep their autograd graph, so ``total.mean()`` can be minimised.
     """
-    if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {parameterization!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if n_t < 1:
         raise ValueError(f"n_t must be >= 1, got {n_t}")
     path: Path = denoiser.path
@@ -279,9 +279,9 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
         dgamma = -c.d_log_snr  # gamma' = -(log SNR)' > 0, (R,)
     else:
         dgamma = torch.ones_like(c.alpha)  # d lambda: the density of lambda is uniform, the Jacobian is 1
-    if parameterization == "x0":
+    if target == "x0":
         w, sq = (c.alpha / c.sigma) ** 2 * dgamma, _flat_sum((xr - pred.x0) ** 2)  # -SNR' = SNR gamma'
-    elif parameterization == "eps":
+    elif target == "eps":
         w, sq = dgamma, _flat_sum((eps - pred.eps) ** 2)
     else:
         target = -eps / broadcast_to(c.sigma, eps)  # grad_z log q(z_t | x)

@@ -156,8 +156,8 @@ def test_weighting_values():
     p = VPLinear()
     c = p.coefficients(torch.tensor([0.05, 0.5, 0.9], dtype=F))
     snr = (c.alpha / c.sigma) ** 2
-    torch.testing.assert_close(weighting("min_snr", c, "eps", gamma=5.0), snr.clamp(max=5) / snr)
-    torch.testing.assert_close(weighting("min_snr", c, "v", gamma=5.0), snr.clamp(max=5) / (snr + 1))
+    torch.testing.assert_close(weighting("min_snr", c, "eps", snr_cap=5.0), snr.clamp(max=5) / snr)
+    torch.testing.assert_close(weighting("min_snr", c, "v", snr_cap=5.0), snr.clamp(max=5) / (snr + 1))
     torch.testing.assert_close(weighting("sigma2", c, "score"), c.sigma**2)
     ce = EDM().coefficients(torch.tensor([0.1, 1.0, 10.0], dtype=F))
     s = ce.sigma

@@ -72,7 +72,7 @@ def test_schedule_stays_monotone_through_training_from_a_bad_init():
     t = torch.linspace(0, 1, 4001, dtype=F64)
     for step in range(200):
         x = data.sample(32, g)
-        loss = continuous_elbo_terms(den, x, g, low_discrepancy=True, parameterization="eps")["total"].mean()
+        loss = continuous_elbo_terms(den, x, g, low_discrepancy=True, target="eps")["total"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -185,7 +185,7 @@ def test_x0_eps_score_forms_agree(kind):
     den = Denoiser(_TinyNet(seed=1).double(), path, kind)  # an imperfect network of any kind
     x = random_mixture(2, 3, seed=0).sample(64, _gen(0))
     with torch.no_grad():
-        vals = {p: continuous_elbo_terms(den, x, generators_for_seeds(range(64)), n_t=3, parameterization=p)
+        vals = {p: continuous_elbo_terms(den, x, generators_for_seeds(range(64)), n_t=3, target=p)
                 for p in ("x0", "eps", "score")}
     for p in ("eps", "score"):
         for key in ("diffusion", "total"):
@@ -279,7 +279,7 @@ def test_vdm_family_step_variance_gradient_sample_and_nll():
     assert math.isfinite(float(out["loss"])) and float(out["gamma_1"]) > float(out["gamma_0"])
     # the shape parameters got the gradient of mean(L_diff^2), not of the ELBO
     g.set_state(state)
-    ld = continuous_elbo_terms(fam.denoiser(mods, net_dtype=torch.float32), x, g, low_discrepancy=True, parameterization="eps")["diffusion"]
+    ld = continuous_elbo_terms(fam.denoiser(mods, net_dtype=torch.float32), x, g, low_discrepancy=True, target="eps")["diffusion"]
     want = torch.autograd.grad(ld.pow(2).mean(), shape)
     for p, w in zip(shape, want):
         torch.testing.assert_close(grads[id(p)], w, rtol=1e-5, atol=1e-8)

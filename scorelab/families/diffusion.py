@@ -32,7 +32,7 @@ class DiffusionConfig:
     prediction: str = "velocity"  # what the network outputs: eps x0 v score velocity
     target: str = ""  # what the loss regresses ("" = the prediction itself)
     weighting: str = "constant"  # lambda(t): constant sigma2 snr min_snr edm
-    weighting_options: dict = field(default_factory=dict)  # e.g. {gamma: 5} for min_snr
+    weighting_options: dict = field(default_factory=dict)  # e.g. {snr_cap: 5} for min_snr
     time_sampler: str = "uniform"  # uniform logit_normal log_normal levels
     time_sampler_options: dict = field(default_factory=dict)  # e.g. {location: 0, scale: 1}
     net: str = "unet"  # network registry name: unet mlp
@@ -55,6 +55,14 @@ class DiffusionConfig:
             raise ConfigError(f"model.target {self.target!r} is unknown: expected one of {', '.join(KINDS)}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"model.weighting {self.weighting!r} is unknown: expected one of {', '.join(WEIGHTINGS)}")
+        try:  # options are checked now, not after training has started
+            from ..losses import weighting
+            from ..paths import RectifiedFlow
+
+            weighting(self.weighting, RectifiedFlow().coefficients(torch.tensor([0.5], dtype=torch.float64)), self.target,
+                      **self.weighting_options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.weighting_options: {e}") from None
         check_model_fields(self)
         if not self.input_sigma_data >= 0:
             raise ConfigError(f"model.input_sigma_data must be >= 0 (0: off), got {self.input_sigma_data}")

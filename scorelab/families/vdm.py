@@ -98,7 +98,7 @@ class VDMFamily(DiffusionFamily):
         x = self._data(batch["x"])
         den = self.denoiser(modules, net_dtype=torch.float32, autocast=ctx.autocast_dtype)
         terms = continuous_elbo_terms(den, x, ctx.generator, low_discrepancy=self.cfg.low_discrepancy,
-                                      parameterization=self.cfg.prediction, cond=self._cond(batch, ctx))
+                                      target=self.cfg.prediction, cond=self._cond(batch, ctx))
         loss = terms["total"].mean()
         hooks = []
         if self.cfg.learn_schedule and self.cfg.schedule_variance:
@@ -124,11 +124,11 @@ class VDMFamily(DiffusionFamily):
     # --- likelihood ---------------------------------------------------------------------
     def _nll_batch(self, den, xb: Tensor, gen, method: str, n_t: int, cond: dict, opts: dict) -> dict:
         """``elbo``: the VDM continuous-time ELBO on the learned path (``n_t`` times per example, in the
-        parameterization the model was trained with); ``pf_ode`` as the diffusion family's."""
+        target the model was trained with); ``pf_ode`` as the diffusion family's."""
         if method != "elbo":
             return super()._nll_batch(den, xb, gen, method, n_t, cond, opts)
         xb = self._data(xb)
         if xb.is_floating_point():
             xb = xb.to(next(den.net.parameters()).dtype)
-        terms = continuous_elbo_terms(den, xb, gen, n_t=n_t, parameterization=self.cfg.prediction, cond=cond)
+        terms = continuous_elbo_terms(den, xb, gen, n_t=n_t, target=self.cfg.prediction, cond=cond)
         return {k: terms[k] for k in ("prior", "reconstruction", "diffusion", "total")}
