@@ -42,17 +42,17 @@ def _config(args, rest):
 
 def sample_hook(family, dataset, run_dir: Path):
     """The trainer's ``on_sample``: a grid (images) or a scatter over the data (points), and the loss curve."""
+    import torch
+
     from ..train.trainer import dataset_tensors
     from ..viz import plot_loss_curve, save_samples
 
     reference = None
     if not family.data.images:
-        reference = family.prepare({"x": dataset_tensors(dataset)[0][:2000]}, {})["x"]
+        reference = dataset_tensors(dataset)[0][:2000].to(torch.float32)  # raw points, as the samples are
 
     def on_sample(tr) -> None:
         if family.capabilities().generate:
-            import torch
-
             n = 64 if family.data.images else 2000
             k = family.data.conditional_classes
             y = torch.arange(n) % k if k else None
