@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import RESULTS, header, write_json  # noqa: E402
 NETS = {"unet": "fmnist-rf-cond", "dit": "fmnist-dit"}
 
 
 def train(preset: str, name: str, work: Path, minutes: float) -> dict:
-    cmd = [sys.executable, "-m", "scorelab.cli", "train", preset, "--name", name, "--runs", str(work), "--no-progress",
+    cmd = [sys.executable, "-m", "scorelab", "train", preset, "--name", name, "--runs", str(work), "--no-progress",
            "--train.steps", "1000000", "--train.max_minutes", str(minutes), "--train.sample_every", "0"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -56,9 +57,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: write guidance_quick.* instead")
     args = ap.parse_args()
 
-    from scorelab.cli import dataset_tensors_head, load_data, open_run
-    from scorelab.guidance import ClassifierFreeGuidance
+    from scorelab.eval import reference_set
     from scorelab.metrics import DomainMetrics, class_accuracy
+    from scorelab.quantize import to_model
+    from scorelab.runs import open_run
     from scorelab.viz import save_image_grid
 
     scales = [float(s) for s in args.scales.split(",")]
@@ -81,18 +83,19 @@ def main() -> None:
                 shutil.rmtree(run)
             info = train(NETS[key], name, work, args.minutes)
             print(f"trained {key}: {info['steps']} steps in {info['train_seconds']} s", file=sys.stderr)
-        cfg, family, mods, meta = open_run(str(run))
-        info["steps"] = meta.get("step")
+        opened = open_run(str(run))
+        family, mods = opened.family, opened.modules
+        info["steps"] = opened.step
+        info["precision"] = opened.cfg.resolved.get("precision_note", "")
         params = sum(p.numel() for p in family.net.parameters())
         if real is None:
-            test = load_data(cfg, split="test")
-            real = family.prepare(dataset_tensors_head(test, len(test)))
+            real = to_model(reference_set(opened.cfg).x)
             metrics.set_real(real)
         K = family.num_classes
         y = torch.arange(args.n) % K
         for w in scales:
             t0 = time.perf_counter()
-            x = family.sample(mods, args.n, generator=0, y=y, guidance=lambda den, w=w: ClassifierFreeGuidance(den, w, form="w"))
+            x = family.sample(mods, args.n, seed=0, y=y, **({"cfg": w} if w else {}))
             dt = time.perf_counter() - t0
             m = metrics.evaluate(x)
             acc = class_accuracy(x, y)
@@ -102,15 +105,14 @@ def main() -> None:
             print(f"{key} w={w}: acc {acc:.3f} FID {m['fid']:.2f} ({dt:.0f} s)", file=sys.stderr)
             grids.setdefault(key, []).append(x[:K])
 
-    print(f"\nclassifier-free guidance, class-conditional Fashion-MNIST, {args.n} samples per row "
-          f"({args.minutes} min of training per net)\n")
+    machine = header(f"\nclassifier-free guidance, class-conditional Fashion-MNIST, {args.n} samples per row "
+                     f"({args.minutes} min of training per net)\n")
     print(f"{'net':5s} {'params':>7s} {'steps':>6s} {'w':>4s} {'accuracy':>9s} {'FID':>8s} {'prec':>6s} {'recall':>6s} {'sample s':>9s}")
     for r in rows:
         print(f"{r['net']:5s} {r['params'] / 1e6:6.2f}M {r['steps']:6d} {r['w']:4.1f} {r['accuracy']:9.3f} {r['fid']:8.2f} "
               f"{r['precision']:6.3f} {r['recall']:6.3f} {r['sampling_seconds']:9.1f}")
     suffix = "_quick" if args.quick else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"guidance{suffix}.json").write_text(json.dumps({"n": args.n, "scales": scales, "rows": rows}, indent=2))
+    write_json(f"guidance{suffix}.json", {"n": args.n, "scales": scales, "rows": rows}, machine)
     plot(rows, RESULTS / f"guidance{suffix}.png")
     for key, g in grids.items():
         save_image_grid(torch.cat(g), RESULTS / f"guidance_samples_{key}{suffix}.png", nrow=g[0].shape[0])

@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import RESULTS, header, write_json  # noqa: E402
 MODELS = {"ddpm": "fmnist-ddpm", "vdm": "fmnist-vdm", "rf": "fmnist-rf"}
 
 
 def scorelab(*args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "scorelab.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "scorelab", *map(str, args)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-2000:]}")
@@ -84,23 +85,21 @@ def main() -> None:
             cache = run / (f"bench_nll_{method}_n{args.n_test}" + ("" if method == "pf_ode" else f"_t{args.n_t}") + ".json")
             if not cache.is_file():
                 bs = max(1, 2048 // args.n_t) if method == "elbo" else 64  # the ELBO evaluates n_t noised copies per image
-                scorelab("eval", run, "--nll", "--nll-method", method, "--nll-n", args.n_test, "--nll-t", args.n_t,
-                         "--nll-batch", bs)
+                scorelab("eval", run, "--nll", "--nll-method", method, "--nll-n", args.n_test, "--nll-n-slow", 0,
+                         "--nll-t", args.n_t, "--nll-batch", bs)
                 cache.write_text((run / "eval_nll.json").read_text())
             res[method] = json.loads(cache.read_text())[method]
         rows.append({"model": key, "preset": MODELS[key], "steps": args.steps, "train_seconds": train_s, **res})
 
-    print(f"\nbits/dim on the first {args.n_test} Fashion-MNIST test images ({args.steps} training steps each)\n")
+    machine = header(f"\nbits/dim on the first {args.n_test} Fashion-MNIST test images ({args.steps} training steps each)\n")
     print(f"{'model':6s} {'ELBO bpd':>16s} {'(prior/diff/recon)':>22s} {'s':>7s} {'PF-ODE bpd':>16s} {'s':>7s} {'NFE':>5s}")
     for r in rows:
         e, p = r["elbo"], r["pf_ode"]
         terms = f"{e['prior']:.3f}/{e['diffusion']:.3f}/{e['reconstruction']:.3f}"
         print(f"{r['model']:6s} {e['mean']:9.3f} ± {e['stderr']:.3f} {terms:>22s} {e['seconds']:7.1f} "
               f"{p['mean']:9.3f} ± {p['stderr']:.3f} {p['seconds']:7.1f} {p.get('nfe', float('nan')):5.0f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("likelihood_quick.json" if args.quick else "likelihood.json")
-    out.write_text(json.dumps({"n_test": args.n_test, "n_t": args.n_t, "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+    write_json("likelihood_quick.json" if args.quick else "likelihood.json", {"n_test": args.n_test, "n_t": args.n_t, "rows": rows},
+               machine)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ One step = forward + eps-prediction MSE + backward + AdamW step on a random batc
 then all variants are timed *side by side* in interleaved rounds (the machine is shared, so a
 slow period hurts every variant alike); we report the median step time over all rounds.
 
-Variants: our :class:`~scorelab.nets.UNet` at a few sizes in float32, bfloat16 autocast
-(``bf16=True``), channels_last, patchify stems, fewer convolutions at full resolution,
+Variants: our :class:`~scorelab.nets.UNet` at a few sizes in float32 and under bfloat16 autocast
+(the caller's, as ``train.precision: bf16`` runs it; the nets hold no precision switch), channels_last, patchify stems, fewer convolutions at full resolution,
 optionally ``torch.compile``; and ``diffusers.UNet2DModel`` at a matched parameter count, run by
 the same loop (float32 as shipped, and with bfloat16 autocast + channels_last for fairness).
 
@@ -21,9 +21,7 @@ Prints a table and writes ``benchmarks/results/net_speed.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,14 +31,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import header, write_json  # noqa: E402
+
 from scorelab.nets import UNet, UNetConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "net_speed.json"
 
 # name -> UNetConfig overrides. "ADM" = the DDPM / ADM layout on full 28x28 pixels (patch_size=1),
 # layer for layer the same as the diffusers baseline with the same channels.
-ADM32 = dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(2,), patch_size=1, pixel_channels=0,
-             bf16=False)
+ADM32 = dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(2,), patch_size=1, pixel_channels=0)
 ADM64 = dict(ADM32, base_channels=64)
 OURS = {
     "ADM64 p1 fp32": dict(ADM64),
@@ -58,15 +57,16 @@ OURS = {
     "ADM32 p2 bf16 cl+layernorm": dict(ADM32, patch_size=2, bf16=True, channels_last=True, norm="layer"),
     "ADM32 p2 bf16 attn@14,7": dict(ADM32, patch_size=2, bf16=True, attention_levels=(1, 2)),
     # the default: one block per level on the way down
-    "default = ADM32 p2 bf16 nrb1": dict(ADM32, patch_size=2, bf16=True, num_res_blocks=1),
+    "default = ADM32 p2 nrb1": dict(ADM32, patch_size=2, num_res_blocks=1),
+    "default bf16": dict(ADM32, patch_size=2, bf16=True, num_res_blocks=1),
     # ... plus a full-resolution output conv after unpatchifying
     "ADM32 p2 bf16 nrb1 pix8": dict(ADM32, patch_size=2, bf16=True, num_res_blocks=1, pixel_channels=8),
     # matmul-heavier: 4x4 patches, a 7 -> 4 U-Net with attention at 4
     "ADM64 p4 (1,2) bf16": dict(ADM64, patch_size=4, channel_mult=(1, 2), attention_levels=(1,), bf16=True),
 }
-DEFAULT = "default = ADM32 p2 bf16 nrb1"
+DEFAULT = "default = ADM32 p2 nrb1"
 assert UNetConfig(**OURS[DEFAULT]) == UNetConfig(), "keep the benchmark's default row equal to UNetConfig()"
-QUICK = ["ADM32 p1 fp32", "ADM32 p1 bf16", "ADM32 p2 bf16", DEFAULT]
+QUICK = ["ADM32 p1 fp32", "ADM32 p1 bf16", "ADM32 p2 bf16", DEFAULT, "default bf16"]
 
 
 def _diffusers_kwargs(base: int) -> dict:
@@ -115,9 +115,24 @@ class _DiffusersWrap(torch.nn.Module):
             return self.net(x, t * 1000, return_dict=False)[0].float()
 
 
+class _Autocast(torch.nn.Module):
+    """Our net under the caller's bfloat16 autocast (what ``train.precision: bf16`` does)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, y=None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x, t, y)
+
+
 def build(name: str, compile_: bool = False):
     if name in OURS:
-        net = UNet(UNetConfig(in_channels=1, **OURS[name]))
+        cfg = dict(OURS[name])
+        bf16 = cfg.pop("bf16", False)
+        net = UNet(UNetConfig(in_channels=1, **cfg))
+        net = _Autocast(net) if bf16 else net
     else:
         kw, opts = DIFFUSERS[name]
         net = _DiffusersWrap(kw, **opts)
@@ -198,18 +213,13 @@ def main(argv=None):
         del built
 
     ref = {r["batch"]: r["img_per_s"] for r in rows if r["name"] == REFERENCE}
-    print(f"\ntraining step (fwd + bwd + AdamW), 28x28x1, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = header("\ntraining step (fwd + bwd + AdamW), 28x28x1, medians of interleaved rounds")
     print(f"{'variant':30s} {'batch':>5s} {'params':>8s} {'ms/step':>8s} {'img/s':>7s} {'vs ' + REFERENCE:>18s}")
     for r in rows:
         rel = f"{r['img_per_s'] / ref[r['batch']]:.2f}x" if r["batch"] in ref else "-"
         print(f"{r['name']:30s} {r['batch']:5d} {r['params'] / 1e6:7.2f}M {1e3 * r['step_s']:8.1f} {r['img_per_s']:7.1f} {rel:>18s}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-                load=os.getloadavg(), rounds=args.rounds, steps=args.steps,
-                default_config=UNetConfig.default_fmnist().to_dict())
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {out}")
+    meta = dict(load=os.getloadavg(), rounds=args.rounds, steps=args.steps, default_config=UNetConfig.default_fmnist().to_dict())
+    write_json(Path(args.out).name, dict(meta=meta, rows=rows), machine)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import RESULTS, header, write_json  # noqa: E402
 
 
 def peak_mb() -> float:
@@ -43,7 +43,7 @@ def load_split(data: str, split: str):
 def worker_ours(args) -> dict:
     import yaml
 
-    from scorelab.cli import build, presets_dir
+    from scorelab.cli.common import build, presets_dir
     from scorelab.metrics import evaluate_images
     from scorelab.train.config import RunConfig
     from scorelab.train.trainer import Trainer
@@ -63,13 +63,14 @@ def worker_ours(args) -> dict:
     train_s = time.perf_counter() - t0
     mods = tr.sampling_modules()
     t0 = time.perf_counter()
-    x = fam.sample(mods, args.n_eval, generator=0)
+    x = fam.sample(mods, args.n_eval, seed=0)
     sample_s = time.perf_counter() - t0
     test = load_split(args.data, "test")
     m = evaluate_images(x, test.float_images()[: args.n_real])
     return {"name": "scorelab rf (default preset)", "params": params, "steps": summary["step"], "train_s": train_s,
             "img_s": summary["step"] * args.batch / summary["elapsed"], "sample_s": sample_s,
-            "sampler": f"{fam.cfg.sampler} x{fam.cfg.sampling_steps}", **m, "peak_mb": peak_mb()}
+            "sampler": f"{fam.cfg.sampler} x{fam.cfg.sampling_steps}", "precision": tr.precision.describe(), **m,
+            "peak_mb": peak_mb()}
 
 
 def diffusers_unet(width: int):
@@ -133,7 +134,7 @@ def worker_diffusers(args) -> dict:
     m = evaluate_images(torch.cat(outs), test.float_images()[: args.n_real])
     return {"name": f"diffusers UNet2DModel+DDPM (width {best[1]})", "params": params, "steps": steps, "train_s": train_s,
             "img_s": steps * args.batch / train_s, "sample_s": sample_s, "sampler": f"DDPMScheduler x{args.ddpm_steps}",
-            **m, "peak_mb": peak_mb()}
+            "precision": "fp32 (as shipped)", **m, "peak_mb": peak_mb()}
 
 
 def main():
@@ -186,7 +187,10 @@ def main():
         target = rows[0]["params"] if rows else 2_000_000
         rows.append(launch("diffusers", ["--match-params", str(target)]))
     cols = ["name", "params", "steps", "img_s", "peak_mb", "fid", "kid", "precision", "recall", "sampler", "sample_s"]
-    print(f"\nbudget {args.minutes} min per contender, data {args.data}, batch {args.batch}, {args.n_eval} samples vs {args.n_real} test images")
+    machine = header(f"\nbudget {args.minutes} min per contender, data {args.data}, batch {args.batch}, {args.n_eval} samples vs "
+                     f"{args.n_real} test images")
+    for r in rows:
+        print(f"  {r['name']}: {r['precision']}")
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:
@@ -194,9 +198,7 @@ def main():
     if len(rows) == 2:
         a, b = rows
         print(f"\nimg/s ratio ours/diffusers: {a['img_s'] / b['img_s']:.2f}; FID ratio ours/diffusers: {a['fid'] / b['fid']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_json(Path(args.out).name, {"args": vars(args), "rows": rows}, machine)
 
 
 if __name__ == "__main__":
