@@ -9,7 +9,6 @@
 * Sampling reproduces the model's own distribution: chi-square over the 16 binary 2x2 images (+ the rest).
 """
 
-import math
 
 import pytest
 import scipy.stats
@@ -63,12 +62,14 @@ def tile_rank(C, H, W, k):
     return (tile * k * k + (i % k) * k + j % k) * C + c
 
 
-def dependencies(forward, C, H, W, seed=0, n_inputs=4):
+def dependencies(forward, C, H, W, seed=0, n_inputs=2):
     """``D[s, s']``: does any logit of output subpixel s depend on input subpixel s'? (S, S) bool, S = C H W.
 
     One probe per output subpixel, batched: row b of a batch of S copies of the input backpropagates a
     random projection of the 256 logits of subpixel b, so grad[b] is the dependence of that output on
-    every input (examples never interact). OR over ``n_inputs`` random inputs (a ReLU can zero one path).
+    every input (examples never interact). OR over ``n_inputs`` random inputs, in case a path is exactly
+    flat at one input (the nets' heads use SiLU, so no unit is dead for every input: one input sufficed
+    for 30 random nets of each test's kind).
     """
     S = C * H * W
     g = _gen(seed)
@@ -99,6 +100,7 @@ def assert_causal(dep, rank, full_coverage=True, strict_before=None):
 @pytest.mark.parametrize("C", [1, 3])
 def test_gated_pixelcnn_exact_causality_and_no_blind_spot(C):
     H = W = 8
+    torch.manual_seed(C)  # default init from the global stream (which a plugin may reseed per process)
     net = _randomize(GatedPixelCNN(PixelCNNConfig(in_channels=C, channels=8 * C, layers=4, kernel_size=5, num_classes=4)).double(), C)
     y = torch.full((C * H * W,), 2)
     dep = dependencies(lambda x: net(x, y), C, H, W)
@@ -111,6 +113,7 @@ def test_gated_pixelcnn_exact_causality_and_no_blind_spot(C):
 def test_tile_pixelcnn_exact_causality(C, head):
     H = W = 8
     k = 4
+    torch.manual_seed(C)
     cfg = TilePixelCNNConfig(in_channels=C, image_size=8, tile_size=k, d_model=16, context_layers=2, heads=2,
                              cond_channels=4, head=head, head_channels=8 * C, head_layers=3, head_kernel=3, num_classes=3)
     net = _randomize(TilePixelCNN(cfg).double(), 10 + C)
@@ -129,6 +132,7 @@ def test_causality_check_catches_the_usual_bugs(monkeypatch):
     PixelCNN's stack of masked 3x3 convolutions (a blind spot above-right of each pixel)."""
     C, H, W = 1, 6, 6
     rank = pixel_rank(C, H, W)
+    torch.manual_seed(0)
 
     def fresh():
         return _randomize(GatedPixelCNN(PixelCNNConfig(in_channels=C, channels=4, layers=6, kernel_size=3)).double(), 3)
@@ -179,6 +183,7 @@ def _all_pairs(shape):
 def test_chain_rule_likelihood_sums_to_one_over_all_images(kind):
     """sum_x p(x) = 1 over all 256^2 images of two subpixels, for a random causal net: a leak of the
     second subpixel into its own conditional would break it."""
+    torch.manual_seed(0)
     if kind == "tile_1x2":
         cfg = TilePixelCNNConfig(in_channels=1, image_size=(1, 2), tile_size=1, d_model=16, heads=2, cond_channels=2,
                                  head_channels=4, head_layers=1)

@@ -16,7 +16,8 @@ Decoders"), order: raster over pixels, then channels ``0..C-1`` within a pixel. 
                h_pre = hconv(h) + 1x1(v_pre shifted down one row)      (rows < i only)
                h_out = h + 1x1(tanh(h_pre[:F] + c_h) * sigmoid(h_pre[F:] + c_h'))
                skip  = 1x1(gated)
-    head       ReLU(sum of skips) -> 1x1 -> ReLU -> 1x1 -> 256 C logits
+    head       SiLU(sum of skips) -> 1x1 -> SiLU -> 1x1 -> 256 C logits   (SiLU for van den Oord's ReLU:
+               no unit of the head is ever dead, i.e. has an exactly zero gradient for all inputs)
 
 The vertical stack may see the current row because it reaches the horizontal stack only through
 the one-row down shift; the horizontal stack covers the current row to the left. Together they see
@@ -28,7 +29,7 @@ group ``g`` see input channels ``< g`` of the current pixel, **mask B** (later l
 ``<= g``; the output logits of channel ``c`` come from group ``c``. The first layer has no
 residual connection (its input is the image itself, which would leak the current subpixel).
 The default (``PixelCNNConfig()``: F = 32, 8 layers, kernel 5) has 0.32M parameters; a pixel sees
-16 columns to its left and the 17 rows above within 16 columns either side.
+16 columns to its left in its row and, in the 17 rows above, 16 columns either side.
 Class conditioning: a label embedding, projected per layer, is added to every gate; an optional
 spatial map ``cond: (B, cond_channels, H, W)`` (the tile model's context) is added through 1x1
 convolutions. Neither breaks causality: they do not depend on ``x``.
@@ -258,7 +259,7 @@ class GatedPixelCNN(nn.Module):
         for layer in self.layers:
             v, h, s = layer(v, h, label, cond)
             skips = skips + s
-        out = self.head2(F.relu(self.head1(F.relu(skips))))  # (B, C 256, H, W)
+        out = self.head2(F.silu(self.head1(F.silu(skips))))  # (B, C 256, H, W)
         B, _, H, W = out.shape
         return out.view(B, cfg.in_channels, NUM_LEVELS, H, W).transpose(1, 2)  # (B, 256, C, H, W)
 
@@ -365,7 +366,7 @@ class TilePixelCNN(nn.Module):
                                                      kernel_size=config.head_kernel, cond_channels=config.cond_channels))
         else:
             hc = config.head_channels
-            self.head = nn.Sequential(nn.Conv2d(config.cond_channels, hc, 1), nn.ReLU(), nn.Conv2d(hc, hc, 1), nn.ReLU(),
+            self.head = nn.Sequential(nn.Conv2d(config.cond_channels, hc, 1), nn.SiLU(), nn.Conv2d(hc, hc, 1), nn.SiLU(),
                                       nn.Conv2d(hc, C * NUM_LEVELS, 1))
 
     # ---- tiling -------------------------------------------------------------------------
