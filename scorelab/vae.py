@@ -40,8 +40,9 @@ works per example and returns ``(B,)`` tensors in nats; the caller reduces.
   and :func:`interpolate_latents` (lerp / slerp of :mod:`scorelab.interpolation`), :func:`generate`.
 
 Networks (``encode(x) -> (mean, log_var)``, ``decode(z) -> params``) live in
-:mod:`scorelab.nets.vae`; the functions below take them as callables (pass
-``functools.partial(net, y=y)`` for class-conditional nets).
+:mod:`scorelab.nets.vae`; the functions below take them as callables. Class labels ``y: (B,)``
+go through the functions' ``y`` argument (``encode(x, y)``, and ``decode(z, y)`` with ``y``
+repeated to match the ``n B`` latents decoded together).
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ class DiagonalGaussian:
         return kl_standard_normal(self.mean, self.log_var)
 
 
-def _posterior(encode: Encode, x: Tensor) -> DiagonalGaussian:
-    out = encode(x)
+def _posterior(encode: Encode, x: Tensor, y: Tensor | None = None) -> DiagonalGaussian:
+    out = encode(x) if y is None else encode(x, y)
     if isinstance(out, DiagonalGaussian):
         return out
     mean, log_var = out
@@ -370,9 +371,9 @@ def make_decoder(name: str, **options) -> Decoder:
 # --------------------------------------------------------------------------------------
 # ELBO and the importance-weighted bound
 # --------------------------------------------------------------------------------------
-def _decode_many(decode: Decode, z: Tensor) -> Tensor:
-    """Decode ``z: (n, B, *L)`` as one batch -> params ``(n * B, P, *S)``."""
-    return decode(z.flatten(0, 1))
+def _decode_many(decode: Decode, z: Tensor, y: Tensor | None = None) -> Tensor:
+    """Decode ``z: (n, B, *L)`` as one batch -> params ``(n * B, P, *S)``; labels ``y: (B,)`` repeated to ``(n B,)``."""
+    return decode(z.flatten(0, 1)) if y is None else decode(z.flatten(0, 1), y.repeat(z.shape[0]))
 
 
 def _repeat(x: Tensor, n: int) -> Tensor:
@@ -408,6 +409,7 @@ def elbo_terms(
     n_samples: int = 1,
     generator: Generator = None,
     analytic_kl: bool = True,
+    y: Tensor | None = None,
 ) -> ELBOTerms:
     """ELBO terms of ``x: (B, *S)`` (seed 001's training objective), differentiable, each (B,) nats.
 
@@ -416,13 +418,14 @@ def elbo_terms(
     (``analytic_kl``) or ``(1/n) sum_i [log q(z_i|x) - log p(z_i)]`` from the same ``z_i`` (then each
     term ``log p(x|z_i) + log p(z_i) - log q(z_i|x)`` is one IWAE log weight, and an exact posterior
     gives ``elbo = log p(x)`` for every draw). ``beta`` only changes :attr:`ELBOTerms.loss`.
+    ``y: (B,)``: class labels for conditional nets (``encode(x, y)``, ``decode(z, y)``).
     """
     if not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be a non-negative number, got {beta!r}")
-    q = _posterior(encode, x)
+    q = _posterior(encode, x, y)
     B = x.shape[0]
     z = q.rsample(generator, n_samples)  # (n, B, *L)
-    params = _decode_many(decode, z)  # (n B, P, *S)
+    params = _decode_many(decode, z, y)  # (n B, P, *S)
     rec = decoder.log_prob(_repeat(x, n_samples), params).view(n_samples, B).mean(0)  # (B,)
     if analytic_kl:
         kl = q.kl_standard_normal()
@@ -459,6 +462,7 @@ def iwae_bound(
     generator: Generator = None,
     chunk_size: int | None = None,
     return_log_weights: bool = False,
+    y: Tensor | None = None,
 ) -> IWAEResult:
     """The importance-weighted bound (Burda et al. 2016) of ``x: (B, *S)`` with ``k`` samples.
 
@@ -469,6 +473,7 @@ def iwae_bound(
     (default: chunks of about 4096 rows, so ``k = 1000`` fits in memory) and the log weights are
     combined with logsumexp in float64. Differentiable (IWAE training) unless run under
     ``torch.no_grad()``. Draws from ``generator`` chunk by chunk: the values depend on ``chunk_size``.
+    ``y: (B,)``: class labels for conditional nets.
     """
     if k < 1:
         raise ValueError(f"need k >= 1 importance samples, got {k}")
@@ -476,13 +481,13 @@ def iwae_bound(
     chunk = chunk_size or max(1, 4096 // max(B, 1))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    q = _posterior(encode, x)
+    q = _posterior(encode, x, y)
     q64 = DiagonalGaussian(q.mean.double(), q.log_var.double())
     pieces = []
     for start in range(0, k, chunk):
         n = min(chunk, k - start)
         z = q.rsample(generator, n)  # (n, B, *L)
-        rec = decoder.log_prob(_repeat(x, n), _decode_many(decode, z)).view(n, B).double()
+        rec = decoder.log_prob(_repeat(x, n), _decode_many(decode, z, y)).view(n, B).double()
         z64 = z.double()
         pieces.append(rec + standard_normal_log_prob(z64, q.event_ndim) - q64.log_prob(z64))  # (n, B)
     log_w = torch.cat(pieces)  # (k, B)
@@ -556,13 +561,14 @@ def sample_prior(n: int, latent_shape: tuple, generator: Generator = None, dtype
     return randn((n, *latent_shape), generator=generator, dtype=dtype, device=device)
 
 
-def generate(decode: Decode, decoder: Decoder, z: Tensor, generator: Generator = None, mode: str = "mean") -> Tensor:
+def generate(decode: Decode, decoder: Decoder, z: Tensor, generator: Generator = None, mode: str = "mean",
+             y: Tensor | None = None) -> Tensor:
     """Images from latents ``z: (B, *L)`` (seed 001 "Sampling": z from the prior, then the decoder).
 
     ``mode="mean"``: ``E[x | z]`` (the usual VAE picture); ``"sample"``: one draw of ``p(x | z)``
-    (per-pixel noise for Gaussian decoders). Model space, (B, *S).
+    (per-pixel noise for Gaussian decoders). Model space, (B, *S). ``y: (B,)``: labels of a conditional decoder.
     """
     if mode not in ("mean", "sample"):
         raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
-    params = decode(z)
+    params = decode(z) if y is None else decode(z, y)
     return decoder.mean(params) if mode == "mean" else decoder.sample(params, generator)

@@ -411,6 +411,14 @@ def test_vae_nets_conditioning_odd_sizes_and_config_errors():
     assert mean.shape == (2, 4) and log_var.shape == (2, 4)
     p1, p2 = dec(mean, torch.tensor([0, 0])), dec(mean, torch.tensor([5, 5]))
     assert p1.shape == (2, 2, 3, 13, 17) and not torch.allclose(p1, p2)
+    # labels through the maths: y is repeated for the n B latents decoded together
+    lik, y = GaussianDecoder("output"), torch.tensor([3, 7])
+    t = elbo_terms(x, enc, dec, lik, n_samples=3, generator=generator_list([0, 1]), y=y)
+    r = iwae_bound(x, enc, dec, lik, 4, generator=generator_list([0, 1]), chunk_size=3, y=y)
+    assert t.elbo.shape == (2,) and r.bound.shape == (2,)
+    torch.testing.assert_close(generate(dec, lik, mean, y=y), dec(mean, y)[:, 0])
+    t0 = elbo_terms(x[:1], enc, dec, lik, n_samples=3, generator=generator_list([0]), y=y[:1])
+    torch.testing.assert_close(t0.elbo, t.elbo[:1])  # per-example generators: batch-independent
     assert ConvVAEConfig.from_dict(cfg.to_dict()) == cfg
     menc, mdec = build_vae_nets(MLPVAEConfig(dim=5, latent_dim=2, out_params=1))
     assert mdec(menc(torch.randn(4, 5))[0]).shape == (4, 1, 5)
