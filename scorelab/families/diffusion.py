@@ -125,9 +125,14 @@ class DiffusionFamily(Family):
         self.path = make_path(self.cfg.path, **self.cfg.path_options)
         self.time_sampler = make_time_sampler(self.cfg.time_sampler, **self.cfg.time_sampler_options)
         try:
-            self.net = build_net(self.cfg.net, self.cfg.net_options, self.data.shape, self.data.conditional_classes)
+            self.net = build_net(self.cfg.net, self.cfg.net_options, self.model_shape, self.data.conditional_classes)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.net_options: {e}") from None
+
+    @property
+    def model_shape(self) -> tuple:
+        """One example as the network sees it: the data's shape (latent diffusion: the latents')."""
+        return self.data.shape
 
     @property
     def num_classes(self) -> int:
@@ -240,7 +245,7 @@ class DiffusionFamily(Family):
     def sample_batch(self, modules, generators, y, **options) -> Tensor:
         """Start at the prior ``path.prior_sample`` (example ``i`` from ``generators[i]``) and run the sampler."""
         dev = self.device_of(modules)
-        x = self.path_of(modules).prior_sample((len(generators), *self.data.shape), generator=generators,
+        x = self.path_of(modules).prior_sample((len(generators), *self.model_shape), generator=generators,
                                                dtype=torch.float32).to(dev)
         return self._run_sampler(modules, x, generators, y, **options)
 
@@ -252,7 +257,7 @@ class DiffusionFamily(Family):
         if space != "noise":
             raise CapabilityError(f"{self.name} runs interpolate in 'noise' space, not {space!r}")
         gens = generators_for_seeds(list(seeds))
-        return self.path_of(modules).prior_sample((len(gens), *self.data.shape), generator=gens, dtype=torch.float32)
+        return self.path_of(modules).prior_sample((len(gens), *self.model_shape), generator=gens, dtype=torch.float32)
 
     def generate_from(self, modules, z: Tensor, space: str = "noise", y=None, **options) -> Tensor:
         """Samples from given start noises ``z`` with a deterministic sampler (ddim runs with eta = 0)."""
