@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# the CPU wheel of torch first: any other spec pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,likelihood]'
+	$(BIN)/pip install -q -e '.[dev,likelihood,serve]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import evaluate, interpolate, sample, train, traverse
+from . import evaluate, interpolate, sample, serve, train, traverse
 from .common import UsageError, build, load_data, preset_names, resolve_config, split_overrides
 
 __all__ = ["main", "build_parser", "UsageError", "preset_names", "resolve_config", "build", "load_data", "VERBS"]
 
-VERBS = {"train": train, "sample": sample, "eval": evaluate, "interpolate": interpolate, "traverse": traverse}
+VERBS = {"train": train, "sample": sample, "eval": evaluate, "interpolate": interpolate, "traverse": traverse,
+         "serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
