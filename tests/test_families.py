@@ -144,6 +144,8 @@ TINY = {
     "noisy_classifier": ({"name": "8gaussians", "options": {"n": 256}}, {"path": "vp", "net_options": {"width": 16, "depth": 1}}),
     "two_opt": ({"name": "8gaussians", "options": {"n": 256}}, {}),
     "gan": ({"name": "8gaussians", "options": {"n": 256}}, {"generator": "mlp", "discriminator": "mlp"}),
+    "vae": ({"name": "digits"}, {"latent_dim": 8, "net_options": {"channels": [8], "hidden": 16}}),
+    "pixelcnn": ({"name": "digits"}, {"net_options": {"channels": 4, "layers": 1, "kernel_size": 3}}),
 }
 
 # a value for every family-specific flag of `scorelab sample` that needs no other context
