@@ -311,7 +311,7 @@ class RunStore:
 
     def _open_fresh(self, name: str, folder: Path):
         from ..runs import RunError, open_run
-        from ..train.checkpoint import CheckpointError, StorageError
+        from ..train.checkpoint import CheckpointError
         from ..train.config import ConfigError
 
         ckpt, conf = folder / CKPT, folder / "config.yaml"
@@ -328,7 +328,7 @@ class RunStore:
                 raise ApiError(422, f"run {name!r} cannot be opened: {_line(e)}") from None
             except (ConfigError, RunError) as e:
                 raise ApiError(422, f"run {name!r} cannot be opened: {_line(e)}") from None
-            except StorageError as e:
+            except OSError as e:  # the trainer's StorageError included: a file that cannot be read now
                 raise ApiError(409, f"run {name!r} cannot be read right now: {_line(e)}") from None
             after = (_signature(ckpt), _signature(conf))
             if after == before:
