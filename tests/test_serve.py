@@ -70,6 +70,7 @@ def runs(tmp_path_factory):
     (d / "toy" / "eval_nll.json").write_text(json.dumps({"step": 4, "n": 8, "elbo": {"units": "nats", "n": 8, "mean": 2.5,
                                                                                       "stderr": 0.1, "exact": False}}))
     shutil.copytree(d / "toy", d / "group" / "toy2")
+    shutil.copytree(d / "toy", d / "live")  # the browser test writes to it as a trainer would
     (d / "broken").mkdir()
     (d / "broken" / "config.yaml").write_text("model: [unclosed\n")
     (d / ".toy.123.abcd.tmp").mkdir()  # a trainer's staging folder: never listed
@@ -97,7 +98,7 @@ def test_run_list_shows_family_dataset_steps_status_and_eval_numbers(client):
     r = client.get("/api/runs")
     assert r.status_code == 200
     runs = {x["name"]: x for x in r.json()["runs"]}
-    assert set(runs) == {"img", "toy", "sm", "group/toy2", "broken"}  # the staging folder is not a run
+    assert set(runs) == {"img", "toy", "sm", "group/toy2", "live", "broken"}  # the staging folder is not a run
     assert (runs["img"]["family"], runs["img"]["dataset"], runs["img"]["step"], runs["img"]["steps"]) == \
         ("diffusion", "fmnist-embedded", 2, 2)
     assert runs["sm"]["family"] == "score_matching" and runs["img"]["status"] == "done"
@@ -548,8 +549,9 @@ def _browser(tmp_path):
         pytest.skip(f"headless chromium did not start: {str(e).strip().splitlines()[0]}")
 
 
-def test_the_page_in_headless_chromium(server, tmp_path):
-    """Pick a run, set n, steps and a class by name, click Sample: x0 frames stream in, then the grid."""
+def test_the_page_in_headless_chromium(server, runs, tmp_path):
+    """Pick a run, set n, steps and a class by name, click Sample: x0 frames stream in, then the grid;
+    another family's controls; the training view following a run in training."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -581,9 +583,26 @@ def test_the_page_in_headless_chromium(server, tmp_path):
         d.find_element(By.CSS_SELECTOR, 'tr.run[data-run="img"]').click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#sample-fields select[name="class"]'))
         d.find_element(By.CSS_SELECTOR, 'button[data-tab="training"]').click()
-        wait.until(lambda d: "step 2 / 2" in d.find_element(By.ID, "train-status").text)
+        wait.until(lambda d: "done · checkpoint at step 2 / 2" in d.find_element(By.ID, "train-status").text)
         wait.until(lambda d: d.execute_script("return document.getElementById('latest').naturalWidth") > 0)
         assert d.find_element(By.ID, "metric").get_attribute("value") == "loss"
+        # a run in training: the view follows new metrics rows and the trainer's newest grid
+        live = runs / "live"
+        fd = os.open(live / ".lock", os.O_RDWR | os.O_CREAT)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a trainer holds while it trains
+            d.find_element(By.CSS_SELECTOR, 'tr.run[data-run="live"]').click()
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'button[data-tab="training"]').get_attribute("class") == "active")
+            wait.until(lambda d: "checkpoint at step 4 / 4 · logged to step 4" in d.find_element(By.ID, "train-status").text)
+            with open(live / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": 7, "loss": 0.125}) + "\n")
+            shutil.copy(runs / "img" / "samples.png", live / "samples" / "step_000007.png")
+            wait.until(lambda d: "logged to step 7 · following live" in d.find_element(By.ID, "train-status").text)
+            wait.until(lambda d: "step_000007.png" in d.find_element(By.ID, "latest-caption").text)
+        finally:
+            os.close(fd)
         shot = tmp_path / "playground.png"
         d.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000

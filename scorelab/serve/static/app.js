@@ -207,8 +207,9 @@ async function selectRun(name) {
     for (const s of ["#sample-status", "#interp-status", "#trav-status"]) setStatus(s, "");
     state.metrics = { rows: [], next: 0 };
     $("#run-panel").hidden = false;
+    // a run in training opens on its training view; otherwise the tab in use stays when the run has it
     const tab = tabAvailable(state.tab, info) ? state.tab : (info.capabilities.generate ? "sample" : "training");
-    showTab(info.status === "training" && !tabAvailable("sample", info) ? "training" : tab);
+    showTab(info.status === "training" ? "training" : tab);
   } catch (e) {
     showError(`${name}: ${e.message}`);
   }
@@ -381,7 +382,10 @@ async function refreshTraining(first = false) {
     }
     drawLoss();
     const live = d.status === "training";
-    setStatus("#train-status", `${d.status} · step ${d.step ?? "–"}${d.steps ? " / " + d.steps : ""}` + (live ? " · following live" : ""));
+    const rows = state.metrics.rows.filter((r) => typeof r.step === "number");
+    const logged = rows.length ? ` · logged to step ${rows[rows.length - 1].step}` : "";
+    setStatus("#train-status", `${d.status} · checkpoint at step ${d.step ?? "–"}${d.steps ? " / " + d.steps : ""}${logged}` +
+      (live ? " · following live" : ""));
     const img = $("#latest");
     if (d.latest_picture) {
       const stamp = `${d.latest_picture}:${d.updated}`;
