@@ -6,13 +6,30 @@ import sys
 from pathlib import Path
 
 __all__ = ["UsageError", "DEFAULT_PRESET", "presets_dir", "preset_names", "resolve_config", "parse_overrides",
-           "split_overrides", "load_data", "build", "parse_classes", "given", "tty"]
+           "split_overrides", "load_data", "check_data_options", "build", "parse_classes", "given", "tty", "check_out"]
 
 DEFAULT_PRESET = "fmnist-rf"
 
 
 class UsageError(ValueError):
     """A bad command line (one line, exit 2)."""
+
+
+def check_out(out, suffixes: tuple = (".png",), flag: str = "--out") -> None:
+    """UsageError unless ``out`` can be written: its folder exists and is a folder, ``out`` is not
+    a folder, and it ends in one of ``suffixes`` (checked before anything is computed)."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.suffix.lower() not in suffixes:
+        raise UsageError(f"{flag} {out}: the file must end in {' or '.join(suffixes)}")
+    parent = out.parent
+    if not parent.exists():
+        raise UsageError(f"{flag} {out}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {out}: {parent} is a file, not a folder")
+    if out.is_dir():
+        raise UsageError(f"{flag} {out} is a folder; give a file name")
 
 
 def tty() -> bool:
@@ -94,11 +111,59 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return keep, overrides
 
 
-def load_data(cfg, split: str = "train"):
-    """The run's dataset split (``test``: the held-out split, see :func:`scorelab.data.load_split`)."""
-    from ..data import load_split
+def check_data_options(name: str, options: dict) -> None:
+    """DataError naming ``data.options.<key>`` whose value has not the type of the loader's default
+    (``n: 'many'``), or a count (``n``) below 1. Unknown names and options are the loader's errors."""
+    import inspect
 
-    return load_split(cfg.data.name, split, holdout=cfg.data.holdout, **cfg.data.options)
+    from ..data import DATASETS, DataError
+
+    fn = DATASETS.get(name)
+    if fn is None:
+        return
+    defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.default is not p.empty}
+    toy_cls = None
+    if getattr(fn, "_toy_params", None):
+        from ..data.toys import TOYS
+
+        toy_cls = TOYS.get(name)
+    if toy_cls is not None:
+        defaults.update({p.name: p.default for p in inspect.signature(toy_cls).parameters.values() if p.default is not p.empty})
+    for key, value in options.items():
+        if key not in defaults or defaults[key] is None:
+            continue
+        d = defaults[key]
+        if isinstance(d, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(d, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(d, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(d, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise DataError(f"data.options.{key} must be {type(d).__name__} (like its default {d!r}), got {value!r}")
+        if key == "n" and value < 1:
+            raise DataError(f"data.options.n must be >= 1, got {value}")
+
+
+def load_data(cfg, split: str = "train"):
+    """The run's dataset split (``test``: the held-out split, see :func:`scorelab.data.load_split`).
+
+    A loader that fails on the given options (a wrong type, a value out of range) is one DataError
+    naming ``data.options``; an unreadable file is the loader's own DataError naming the file."""
+    from ..data import DataError, load_split
+
+    check_data_options(cfg.data.name, cfg.data.options)
+    try:
+        return load_split(cfg.data.name, split, holdout=cfg.data.holdout, **cfg.data.options)
+    except (DataError, OSError, ValueError):  # the loaders' own one-line messages
+        raise
+    except (TypeError, RuntimeError, KeyError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"data {cfg.data.name!r} cannot be loaded with data.options {cfg.data.options}: {first}") from None
 
 
 def build(cfg, dataset):

@@ -1,4 +1,13 @@
-"""``scorelab train [CONFIG | PRESET] [--key value ...] [--runs DIR] [--resume RUN]``."""
+"""``scorelab train [CONFIG | PRESET] [--key value ...] [--runs DIR] [--resume RUN]``.
+
+Everything is checked before the run folder is created or touched: the whole config, the data
+against the network (one dry training step), the sampler the run will use for its pictures (two
+samples), and on ``--resume`` the checkpoint (see :class:`scorelab.train.trainer.Trainer`). Exit
+codes: 0 trained (or ``train.max_minutes`` reached), 2 refused or failed with one line (the run
+keeps its last checkpoint), 3 stopped by the divergence guard (the last good checkpoint is kept
+byte for byte), 128 + signal when stopped by SIGINT (130) or SIGTERM (143) after saving the
+checkpoint of the last finished step.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +32,12 @@ def _config(args, rest):
     from ..train.config import RunConfig, apply_overrides, load_yaml
 
     overrides = parse_overrides(rest)
-    if args.resume:
+    if args.resume is not None:
         run_dir = Path(args.resume)
+        if not str(args.resume):
+            raise UsageError("--resume needs a run folder")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"cannot resume: {run_dir} is a file, not a run folder")
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"cannot resume: {run_dir} is not a run folder (no config.yaml)")
         if args.config:
@@ -32,12 +45,48 @@ def _config(args, rest):
         raw = load_yaml(run_dir / "config.yaml")
     else:
         raw = resolve_config(args.config)
+    for key, _ in overrides:
+        if key == "resolved" or key.startswith("resolved."):
+            raise UsageError(f"--{key}: 'resolved' is written by the trainer, not set")
     cfg = RunConfig.from_dict(apply_overrides(raw, overrides))
-    if not args.resume:
-        run_dir = Path(args.runs) / cfg.name
-        if run_dir.exists() and any(run_dir.iterdir()):
+    if args.resume is None:
+        runs = Path(args.runs)
+        if not str(args.runs):
+            raise UsageError("--runs needs a folder")
+        if runs.exists() and not runs.is_dir():
+            raise UsageError(f"--runs {runs} is a file, not a folder")
+        run_dir = runs / cfg.name
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise UsageError(f"run folder {run_dir} already exists: resume it with --resume {run_dir} or pick another --name")
+    elif cfg.name != raw.get("name", cfg.name):
+        raise UsageError("--name cannot change on --resume (the run folder keeps its name)")
     return cfg, run_dir
+
+
+def preflight_sample(family, trainer) -> None:
+    """Draw two samples with the run's own sampler, grid and options (diffusion-style families, whose
+    pictures during and after training use them): a bad option fails now, not after training.
+    Random streams are restored."""
+    import torch
+
+    from ..families.base import CapabilityError
+
+    caps = family.capabilities()
+    if not (caps.generate and caps.denoiser):  # the families whose sampler, grid and their options come from the config
+        return
+    rng = torch.get_rng_state()
+    try:
+        k = family.data.conditional_classes
+        y = torch.arange(2) % k if k else None
+        with torch.no_grad():
+            family.sample(trainer.sampling_modules(), 2, seed=0, y=y)
+    except CapabilityError:
+        raise
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"sampling with the run's options fails (model.sampler / sampler_options / grid): {first}") from None
+    finally:
+        torch.set_rng_state(rng)
 
 
 def sample_hook(family, dataset, run_dir: Path):
@@ -66,24 +115,29 @@ def sample_hook(family, dataset, run_dir: Path):
 def run(args, rest) -> int:
     import yaml
 
-    from ..train.checkpoint import atomic_write_text
-    from ..train.trainer import CKPT, Trainer
+    from ..train.trainer import CKPT, GracefulStop, Trainer
 
-    cfg, run_dir = _config(args, rest)
-    dataset = load_data(cfg)
-    family = build(cfg, dataset)
-    trainer = Trainer(cfg, run_dir, family, dataset, resume=bool(args.resume), progress=not args.no_progress)
-    cfg.resolved["precision"] = trainer.precision.name
-    cfg.resolved["precision_note"] = trainer.precision.describe()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(f"training {cfg.name}: {family.name} on {cfg.data.name} {family.data.shape} x{len(dataset)} -> {run_dir} "
-          f"(device {trainer.device}, {trainer.precision.describe()})", file=sys.stderr)
-    summary = trainer.fit(on_sample=sample_hook(family, dataset, run_dir))
-    final = sorted((run_dir / "samples").glob("step_*.png"))
-    if final:
-        import shutil
+    with GracefulStop(defer=False) as stop:  # start-up: a signal aborts at once (nothing is written yet)
+        cfg, run_dir = _config(args, rest)
+        dataset = load_data(cfg)
+        family = build(cfg, dataset)
+        trainer = Trainer(cfg, run_dir, family, dataset, resume=args.resume is not None, progress=not args.no_progress)
+        preflight_sample(family, trainer)
+        cfg.resolved["precision"] = trainer.precision.name
+        cfg.resolved["precision_note"] = trainer.precision.describe()
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        print(f"training {cfg.name}: {family.name} on {cfg.data.name} {family.data.shape} x{len(dataset)} -> {run_dir} "
+              f"(device {trainer.device}, {trainer.precision.describe()})", file=sys.stderr)
+        summary = trainer.fit(on_sample=sample_hook(family, dataset, run_dir), config_yaml=text, stop=stop)
+        final = sorted((run_dir / "samples").glob("step_*.png"))
+        if final and summary["status"] != "interrupted":
+            import shutil
 
-        shutil.copyfile(final[-1], run_dir / "samples.png")
+            from ..viz import atomic_path
+
+            with atomic_path(run_dir / "samples.png") as tmp:
+                shutil.copyfile(final[-1], tmp)
     print(json.dumps({"run": str(run_dir), **summary, "checkpoint": str(run_dir / CKPT)}))
-    return 130 if summary["status"] == "interrupted" else 0
+    if summary["status"] == "interrupted":
+        return 128 + int(trainer.stop_signal or 2)
+    return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -103,19 +104,36 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0: no limit
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
     compile: bool = False  # torch.compile the networks
+    nonfinite_skips: int = 3  # steps in a row whose update may be skipped for a non-finite loss or gradient before the run stops (0: stop at the first)
+    divergence_factor: float = 1000.0  # a loss above median + factor * max(|median|, MAD) of its last 200 values is "exploding" (0: no check)
+    divergence_patience: int = 20  # steps in a row of exploding loss after which the run stops (the last good checkpoint is kept)
+    detect_anomaly: bool = False  # torch.autograd.detect_anomaly around each step: a NaN in backward names the operation (slow; for debugging)
 
     def __post_init__(self):
-        for k in ("steps", "batch_size"):
+        for k in ("steps", "batch_size", "log_every", "divergence_patience"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("warmup", "sample_every", "ckpt_every", "threads", "nonfinite_skips"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        for k in ("lr", "weight_decay", "grad_clip", "max_minutes", "min_lr_ratio", "ema_decay", "divergence_factor"):
+            if not math.isfinite(getattr(self, k)):
+                raise ConfigError(f"train.{k} must be a finite number, got {getattr(self, k)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for k in ("weight_decay", "grad_clip", "max_minutes", "divergence_factor"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"train.{k} must be >= 0, got {getattr(self, k)}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ConfigError(f"train.precision must be fp32, bf16 or auto, got {self.precision!r}")
-        if len(self.betas) != 2:
-            raise ConfigError("train.betas must have two entries")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                           for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        self.betas = [float(b) for b in self.betas]
+        if not self.device or not isinstance(self.device, str):
+            raise ConfigError(f"train.device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"train.schedule must be constant, cosine or linear, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -151,8 +169,15 @@ class RunConfig:
         seed = d.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
-        name = str(d.get("name", "run"))
-        if not name or "/" in name or name.startswith("."):
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2^32), got {seed}")
+        name = d.get("name", "run")
+        if name is None or (isinstance(name, str) and not name.strip()):
+            raise ConfigError("name must not be empty (the run folder's name, e.g. --name my-run)")
+        if not isinstance(name, (str, int)) or isinstance(name, bool):
+            raise ConfigError(f"name must be a plain folder name, got {name!r}")
+        name = str(name)
+        if "/" in name or "\\" in name or name.startswith(".") or name != name.strip() or "\0" in name or len(name) > 200:
             raise ConfigError(f"name must be a plain folder name, got {name!r}")
         return cls(
             name=name,
@@ -172,13 +197,21 @@ def load_yaml(path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        d = yaml.safe_load(p.read_text())
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not a text (YAML) file") from None
+    except OSError as e:
+        from .checkpoint import StorageError
+
+        raise StorageError("read", p, e) from None
+    try:
+        d = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config file {p} is not valid YAML{where}") from None
     if d is None:
-        return {}
+        raise ConfigError(f"config file {p} is empty (expected a mapping with name, data, model, train)")
     if not isinstance(d, dict):
         raise ConfigError(f"config file {p} must hold a mapping")
     return d

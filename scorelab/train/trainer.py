@@ -8,12 +8,54 @@ diffusion model once, a GAN twice with alternating losses) and returns any metri
 owns everything else: devices and precision (``train.precision``, measured by
 :mod:`scorelab.train.precision`), AdamW with warm-up and schedule per optimizer, gradient
 clipping, EMA weights, the data order, the random streams, checkpoints (safetensors, atomic),
-metrics (JSONL), the progress bar, resuming and Ctrl-C.
+metrics (JSONL), the progress bar, resuming, signals and the divergence guard.
 
-Determinism: the data order of epoch ``e`` is a permutation drawn from a generator seeded by
+**Determinism.** The data order of epoch ``e`` is a permutation drawn from a generator seeded by
 ``(seed, e)``, the learning rate is a function of the step, and the noise generator, torch's
-global generator (dropout), EMA and optimizer moments are all checkpointed — so ``N`` steps, a
-resume and ``N`` more give the same weights as ``2N`` steps straight through (on CPU).
+global generator (dropout), EMA, optimizer moments and the guard's loss history are all
+checkpointed — so ``N`` steps, a resume and ``N`` more give the same weights as ``2N`` steps
+straight through (on CPU), however the first part ended: at its end, by ``max_minutes``, by
+Ctrl-C / SIGTERM, or by ``kill -9`` (then from the last checkpoint).
+
+**Nothing is lost, whatever happens.**
+
+* *Validation first.* The constructor checks everything before the run folder is created or
+  touched: the checkpoint of a resumed run (every tensor's name, shape, dtype and finiteness,
+  optimizer moments included, the random-generator states, the step), and one dry training step
+  on the first batch (forward + backward, nothing updated, every state restored), so data that
+  does not fit the network is refused up front with a hint, not after the folder exists.
+* *The folder.* A new run is built in a hidden staging folder next to it (config, step-0
+  checkpoint) and renamed into place: a run folder either does not exist or can be resumed (so a
+  run killed before its first periodic checkpoint resumes from step 0). ``--resume`` of a folder
+  that has a config but no checkpoint (written by an older scorelab) also starts at step 0. A
+  resume removes the temporaries a ``kill -9`` left behind and truncates ``metrics.jsonl`` to the
+  rows up to the checkpoint's step, so no row is duplicated. A ``.lock`` (``flock``, released by
+  the kernel even on ``kill -9``) keeps a second trainer off a run in training.
+* *Signals.* SIGINT (Ctrl-C) and SIGTERM are deferred (:class:`GracefulStop`): the handler only
+  sets a flag, and the loop acts on it between steps, so a step is never cut in half, even when a
+  family calls ``ctx.optimize`` several times per step; the checkpoint written then equals a
+  straight run's state after that step, random streams included. Later signals are ignored with a
+  message. The command line exits with ``128 + signal`` (130 for SIGINT, 143 for SIGTERM). A
+  distributed trainer replaces :meth:`Trainer._should_stop` by an all-reduce of the flag so that
+  every rank stops after the same step.
+* *The divergence guard* (:class:`DivergenceGuard`), generic over families and optimizers: in
+  ``ctx.optimize``, a non-finite loss or gradient norm skips that update (no optimizer step, no EMA
+  update); ``train.nonfinite_skips`` skipped steps in a row are tolerated, one more stops the run.
+  A finite loss above ``median + divergence_factor * max(|median|, MAD)`` of its optimizer's last
+  200 ordinary values is reported; checkpoints wait while it lasts and after
+  ``train.divergence_patience`` steps in a row the run stops. A stop raises :class:`DivergedError`
+  (exit code 3) with one line naming the step, the loss and what to try, and writes nothing: the
+  last good checkpoint stays byte for byte. No checkpoint with a non-finite tensor is ever written.
+  ``train.detect_anomaly`` runs each step under :func:`torch.autograd.detect_anomaly`, so a NaN
+  born in backward names its operation.
+* *Errors.* An exception inside a step writes nothing more; it is raised as a one-line
+  :class:`TrainingError` saying which checkpoint the folder keeps. A write that fails (disk full,
+  read-only folder) raises :class:`~scorelab.train.checkpoint.StorageError` naming the file; the
+  previous checkpoint is intact.
+
+A test hook, :data:`EVENT_HOOK`, is called at named points (``step``: before a step, ``optimize``:
+after each optimizer update, ``step_done``: after a step, ``save`` / ``saved``: around a
+checkpoint write); tests and ``benchmarks/faults.py`` send signals there.
 """
 
 from __future__ import annotations
@@ -21,8 +63,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +75,30 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    StorageError,
+    atomic_write_text,
+    check_optimizer_state,
+    fsync_folder,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    remove_stale_temporaries,
+    save_checkpoint,
+    stale_temporaries,
+    temporary_name,
+)
 from .config import RunConfig
 
-__all__ = ["Trainer", "StepContext", "EMA", "resolve_device", "TrainingError"]
+__all__ = ["Trainer", "StepContext", "EMA", "resolve_device", "TrainingError", "DivergedError", "GracefulStop", "Interrupted",
+           "DivergenceGuard", "EVENT_HOOK", "CKPT", "load_module_states", "dataset_tensors"]
 
 CKPT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+
+# Test hook: EVENT_HOOK(event, trainer) at the points named in the module docstring. None in normal use.
+EVENT_HOOK: Callable[[str, "Trainer"], None] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,6 +110,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"train.device {name!r} is not a device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device is {name!r} but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device {name!r} is not supported (cpu, cuda, cuda:N or auto)")
     return dev
 
 
@@ -97,17 +161,169 @@ class StepContext:
     def optimize(self, loss: torch.Tensor, optimizer: str = "main") -> float:
         """Backward ``loss`` (a scalar), clip, step ``optimizer`` and update its modules' EMA.
 
-        Returns the gradient norm before clipping.
-        """
+        Returns the gradient norm before clipping. A non-finite loss or gradient skips the update
+        (the trainer's divergence guard decides when to stop) and returns NaN / the norm."""
         return self._optimize(loss, optimizer)
 
 
 class TrainingError(ValueError):
-    """Training cannot go on (a non-finite loss, a family asking for an unknown optimizer)."""
+    """Training cannot go on (an error inside a step, a family asking for an unknown optimizer); one line."""
 
 
+class DivergedError(TrainingError):
+    """The divergence guard stopped the run (non-finite or exploding loss); the last good checkpoint is kept."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _say(text: str) -> None:
+    """Write to stderr without Python's buffered writer (safe inside a signal handler)."""
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# Signals, deferred to the end of the step
+# --------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """A signal during start-up, before anything was written (``signum``: which)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM handling for a training process (a context manager).
+
+    While :attr:`defer` is False (start-up: nothing written yet) a signal raises
+    :class:`Interrupted` (a KeyboardInterrupt) at once. Once the trainer sets it True (before it writes anything),
+    the first signal only records :attr:`signum`; the loop stops after the step in progress and
+    saves. Every later signal is ignored with a message saying what is being finished
+    (``describe()``). Handlers are installed only in the main thread and restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, defer: bool = True, describe: Callable[[], str] | None = None):
+        self.defer = defer  # True: record and wait for the end of the step; False: raise KeyboardInterrupt
+        self.describe = describe or (lambda: "the current step")  # what is being finished (for the messages)
+        self.signum: int | None = None  # the first signal received
+        self._old: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+        return False
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            if not self.defer:
+                raise Interrupted(signum)
+            _say(f"\nscorelab: {name} received: stopping after {self.describe()}, then saving the checkpoint "
+                 f"(further signals are ignored)\n")
+        else:
+            _say(f"\nscorelab: {name} ignored: already stopping ({self.describe()}); the checkpoint is on its way\n")
+
+
+# --------------------------------------------------------------------------------------
+# The divergence guard
+# --------------------------------------------------------------------------------------
+class DivergenceGuard:
+    """Per-optimizer loss history and the counters behind the trainer's stop decisions.
+
+    ``observe(name, loss)`` flags a finite loss as *exploding* when ``loss > m + factor * max(|m|,
+    MAD, 1e-8)``, with ``m`` the median and MAD the median absolute deviation of the last
+    :attr:`WINDOW` ordinary (non-exploding) losses of that optimizer; exploding values do not enter
+    the history, so a persisting explosion stays flagged. ``nonfinite(...)`` records a skipped
+    update. The trainer turns the per-step flags into warnings, deferred checkpoints and stops; the
+    history and counters are checkpointed (JSON) so a resumed run judges as a straight one.
+    """
+
+    WINDOW = 200  # losses kept per optimizer
+
+    def __init__(self, factor: float):
+        self.factor = factor  # 0: no explosion check
+        self.history: dict[str, list[float]] = {}
+        self.skipped_in_a_row = 0  # steps in a row with a skipped update
+        self.exploding_in_a_row = 0  # steps in a row with an exploding loss
+        self.exploding_since: int | None = None  # first step of the current explosion
+        self.step_skips: list[str] = []  # this step's non-finite reasons
+        self.step_explosion: tuple | None = None  # this step's first (optimizer, loss, median)
+
+    @staticmethod
+    def _median(v: list[float]) -> float:
+        s = sorted(v)
+        n = len(s)
+        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+    def begin_step(self) -> None:
+        self.step_skips, self.step_explosion = [], None
+
+    def nonfinite(self, optimizer: str, what: str, value: float) -> None:
+        self.step_skips.append(f"{what} of optimizer {optimizer!r} is {value}")
+
+    def observe(self, optimizer: str, loss: float) -> bool:
+        """Record a finite ``loss``; True if it is exploding (then it is not added to the history)."""
+        h = self.history.setdefault(optimizer, [])
+        if self.factor > 0 and h:
+            m = self._median(h)
+            mad = self._median([abs(v - m) for v in h])
+            if loss > m + self.factor * max(abs(m), mad, 1e-8):
+                if self.step_explosion is None:
+                    self.step_explosion = (optimizer, loss, m)
+                return True
+        h.append(loss)
+        if len(h) > self.WINDOW:
+            del h[0]
+        return False
+
+    @property
+    def alarm(self) -> bool:
+        """The loss is exploding now: checkpoints wait."""
+        return self.exploding_in_a_row > 0
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "skipped_in_a_row": self.skipped_in_a_row,
+                "exploding_in_a_row": self.exploding_in_a_row, "exploding_since": self.exploding_since}
+
+    def load_state_dict(self, d: dict | None) -> None:
+        if not d:
+            return
+        try:
+            hist = {str(k): [float(x) for x in v][-self.WINDOW :] for k, v in dict(d.get("history", {})).items()}
+            counts = int(d.get("skipped_in_a_row", 0)), int(d.get("exploding_in_a_row", 0))
+            since = d.get("exploding_since")
+            since = None if since is None else int(since)
+        except (TypeError, ValueError, AttributeError):
+            raise CheckpointError("checkpoint: corrupt divergence-guard metadata") from None
+        self.history = hist
+        self.skipped_in_a_row, self.exploding_in_a_row = counts
+        self.exploding_since = since
+
+
+# --------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------
 class Trainer:
-    """Runs a family on a dataset into ``run_dir``; ``fit()`` trains to ``cfg.train.steps``."""
+    """Runs a family on a dataset into ``run_dir``; ``fit()`` trains to ``cfg.train.steps``.
+
+    The constructor validates (see the module docstring) and writes nothing; ``fit()`` creates or
+    takes over the run folder and trains."""
 
     def __init__(self, cfg: RunConfig, run_dir, family, dataset, *, resume: bool = False, progress: bool = True,
                  extra_meta: dict | None = None):
@@ -116,6 +332,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.family = family
         self.progress = progress
+        self.resume = resume
         self.extra_meta = dict(extra_meta or {})  # recorded in every checkpoint (e.g. the data shape)
         self.device = resolve_device(self.tc.device)
         if self.tc.threads > 0:
@@ -144,14 +361,99 @@ class Trainer:
             self.optimizers[name] = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
         self.ema = EMA(self.modules, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.guard = DivergenceGuard(self.tc.divergence_factor)
         self.step = 0
         self.elapsed = 0.0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
+        self.stop_signal: int | None = None  # the signal that stopped fit() (None: it was not stopped by one)
+        self._updates_this_step = 0
+        self._phase = "start-up"
+        self._stopper: GracefulStop | None = None
+        self._opened = False
+        self._lock_fd: int | None = None
         if resume:
             self._load()
+            if self.step >= self.tc.steps:
+                raise TrainingError(f"run {self.run_dir} is at step {self.step} and train.steps is {self.tc.steps}: nothing "
+                                    f"to train (raise it, e.g. --train.steps {max(2 * self.step, self.step + 1)})")
+        self._dry_run()
         self.precision = self._resolve_precision(cfg.resolved.get("precision") if resume else None)
         self.autocast_dtype = self.precision.dtype
         family.autocast_dtype = self.autocast_dtype  # sampling during and after training uses the same precision
         self._step_fns = {k: (torch.compile(m) if self.tc.compile else m) for k, m in self.modules.items()}
+
+    def _event(self, name: str) -> None:
+        if EVENT_HOOK is not None:
+            EVENT_HOOK(name, self)
+
+    # --- validation -----------------------------------------------------------------------
+    def _dry_run(self) -> None:
+        """One forward + backward of the first batch with nothing updated (:meth:`_probe`): an
+        error here (data that does not fit the net, a bad option) is a one-line TrainingError
+        before anything is written, with a hint where one is known."""
+        try:
+            self._probe(None)
+        except TrainingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the first step is reported in one line
+            msg = _first_line(e)
+            kind = "images" if self.x.ndim == 4 else "points"
+            hint = ""
+            if "patch_size" in msg:
+                hint = ("; try --model.net_options.patch_size 1, or images whose sides are a multiple of the patch "
+                        "(pad or resize the data)")
+            raise TrainingError(f"the first training step fails on this data ({kind} of shape {tuple(self.x.shape[1:])}): "
+                                f"{type(e).__name__}: {msg}{hint}") from e
+
+    def _check_checkpoint(self, tensors: dict, meta: dict, path: Path) -> None:
+        """CheckpointError unless ``tensors`` / ``meta`` fit this trainer exactly (names, shapes,
+        dtypes, finite values, optimizer moments, generator states, family and data)."""
+        fam = meta.get("family")
+        if fam is not None and fam != self.family.name:
+            raise CheckpointError(f"checkpoint {path} is a {fam} run; the config says model.family {self.family.name}")
+        data = meta.get("data")
+        if isinstance(data, dict) and "shape" in data:
+            try:
+                shape = tuple(int(s) for s in data["shape"])
+            except (TypeError, ValueError):
+                raise CheckpointError(f"checkpoint {path}: corrupt metadata (data shape {data['shape']!r})") from None
+            if shape != tuple(self.family.data.shape):
+                raise CheckpointError(f"checkpoint {path} and the data do not match: it was trained on data of shape {shape}, "
+                                      f"the data now has shape {tuple(self.family.data.shape)}")
+        expected, _ = self.state_tensors()
+        for k, want in expected.items():
+            if k.startswith("opt."):
+                continue
+            if k not in tensors:
+                raise CheckpointError(f"checkpoint weights do not match the model: {path} lacks tensor {k} (the model "
+                                      f"config or train.ema_decay changed since it was written?)")
+            got = tensors[k]
+            if k.startswith("rng."):
+                if got.dtype != torch.uint8 or got.shape != want.shape:
+                    raise CheckpointError(f"checkpoint {path}: random-generator state {k} is corrupt "
+                                          f"({got.dtype} {tuple(got.shape)}, expected uint8 {tuple(want.shape)})")
+                try:
+                    g = torch.Generator(device=self.device) if k == "rng.noise" else torch.Generator()
+                    g.set_state(got)
+                except RuntimeError:
+                    raise CheckpointError(f"checkpoint {path}: random-generator state {k} is corrupt") from None
+                continue
+            _check_tensor(k, got, want, path)
+        for k in tensors:
+            if (k.startswith("model.") or (k.startswith("ema.") and self.ema is not None)) and k not in expected:
+                raise CheckpointError(f"checkpoint weights do not match the model: {path} has tensor {k}, which the model lacks")
+        opts = meta.get("optimizers", {})
+        for k in tensors:
+            if k.startswith("opt.") and k.split(".")[1] not in self.optimizers:
+                raise CheckpointError(f"checkpoint {path} has state of optimizer {k.split('.')[1]!r}; the family's "
+                                      f"optimizers are {', '.join(self.optimizers)}")
+        for name, opt in self.optimizers.items():
+            if name not in opts:
+                raise CheckpointError(f"checkpoint {path} lacks optimizer {name!r}")
+            try:
+                check_optimizer_state(opt, f"opt.{name}", tensors, opts[name])
+            except CheckpointError as e:
+                raise CheckpointError(f"checkpoint {path}: {e}") from None
 
     # --- precision -------------------------------------------------------------------------
     def _resolve_precision(self, recorded: str | None):
@@ -173,6 +475,8 @@ class Trainer:
         norms = []
 
         def backward_only(loss, name="main"):
+            if name not in self.optimizers:
+                raise TrainingError(f"the family asked for optimizer {name!r}; it has {', '.join(self.optimizers)}")
             for p in (q for g in self.optimizers[name].param_groups for q in g["params"]):
                 p.grad = None
             loss.backward()
@@ -184,6 +488,9 @@ class Trainer:
         try:
             ctx = StepContext(0, self.device, self.noise, dtype, backward_only)
             out = self.family.training_step(self.modules, self.batch_at(0), ctx)
+            if not isinstance(out, dict) or not out:
+                raise TrainingError(f"{self.family.name}.training_step must return a non-empty dict of metrics, "
+                                    f"got {type(out).__name__}")
             first = next(iter(out.values()))
             return [torch.as_tensor(first).detach().float(), *norms]
         finally:
@@ -198,7 +505,9 @@ class Trainer:
     def state_tensors(self) -> tuple[dict, dict]:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"step": self.step, "elapsed": self.elapsed, "family": self.family.name, "optimizers": {},
-                                "data": self.family.data.to_dict(), "precision": self.precision.name, **self.extra_meta}
+                                "data": self.family.data.to_dict(), **self.extra_meta}
+        if hasattr(self, "precision"):
+            meta["precision"] = self.precision.name
         for name, m in self.modules.items():
             for k, v in m.state_dict().items():
                 tensors[f"model.{name}.{k}"] = v
@@ -212,33 +521,163 @@ class Trainer:
             meta["optimizers"][name] = m
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.noise"] = self.noise.get_state()
+        meta["guard"] = self.guard.state_dict()
         meta["config"] = self.cfg.to_dict()
         return tensors, meta
 
-    def save(self) -> Path:
+    def _kept(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the checkpoint at step {self.saved_step} is kept (resume with --resume {self.run_dir})"
+
+    def save(self, folder: Path | None = None) -> Path:
+        """Write the checkpoint of the current step (atomically). Refuses (DivergedError) a state
+        with a non-finite tensor: the checkpoint on disk stays as it was."""
         tensors, meta = self.state_tensors()
-        path = self.run_dir / CKPT
-        save_checkpoint(path, tensors, meta)
+        for k, v in tensors.items():
+            if k.startswith(("model.", "ema.", "opt.")) and v.is_floating_point() and not torch.isfinite(v).all():
+                raise DivergedError(f"step {self.step}: {k} holds non-finite values, so no checkpoint is written: training "
+                                    f"diverged; {self._kept()}; {self._advice(nonfinite=False)}")
+        path = Path(folder or self.run_dir) / CKPT
+        phase, self._phase = self._phase, f"writing the checkpoint of step {self.step}"
+        self._event("save")
+        try:
+            save_checkpoint(path, tensors, meta)
+        except StorageError as e:
+            intact = (f"the checkpoint at step {self.saved_step} is intact; free space and resume with --resume "
+                      f"{self.run_dir}") if self.saved_step is not None else "nothing was saved"
+            raise e.with_note(intact) from None
+        finally:
+            self._phase = phase
+        self.saved_step = self.step
+        self._event("saved")
         return path
 
     def _load(self) -> None:
-        tensors, meta = load_checkpoint(self.run_dir / CKPT)
-        load_module_states(self.modules, tensors, "model")
+        path = self.run_dir / CKPT
+        if not path.exists() and (self.run_dir / "config.yaml").is_file():
+            print(f"note: {self.run_dir} has no checkpoint (the run never saved one): it starts from step 0 with its "
+                  "config", file=sys.stderr)
+            return
+        tensors, meta = load_checkpoint(path)
+        self._check_checkpoint(tensors, meta, path)
+        guard = DivergenceGuard(self.tc.divergence_factor)
+        guard.load_state_dict(meta.get("guard"))
+        load_module_states(self.modules, tensors, "model", where=path)
         if self.ema is not None:
             for name, sd in self.ema.shadow.items():
                 for k in sd:
-                    key = f"ema.{name}.{k}"
-                    if key not in tensors:
-                        raise CheckpointError(f"checkpoint lacks {key}")
-                    sd[k].copy_(tensors[key])
+                    sd[k].copy_(tensors[f"ema.{name}.{k}"])
         for name, opt in self.optimizers.items():
-            if name not in meta.get("optimizers", {}):
-                raise CheckpointError(f"checkpoint lacks optimizer {name!r}")
             optimizer_from_flat(opt, f"opt.{name}", tensors, meta["optimizers"][name])
         torch.set_rng_state(tensors["rng.torch"])
         self.noise.set_state(tensors["rng.noise"])
+        self.guard = guard
         self.step = int(meta["step"])
         self.elapsed = float(meta.get("elapsed", 0.0))
+        self.saved_step = self.step
+
+    # --- the run folder --------------------------------------------------------------------
+    def _lock(self, folder: Path) -> None:
+        """Hold an exclusive ``flock`` on ``folder/.lock`` while training (released on exit, even kill -9)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        p = folder / ".lock"
+        try:
+            fd = os.open(str(p), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError("write", p, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise TrainingError(f"run folder {folder} is being trained by another process (wait for it, or stop it)") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _open_folder(self, config_yaml: str | None) -> None:
+        """Create the run folder (staging folder, config, step-0 checkpoint, rename) or take over a
+        resumed one (lock, stale temporaries removed, metrics truncated to the checkpoint's step,
+        config rewritten)."""
+        if self._opened:
+            return
+        if self.resume:
+            self._lock(self.run_dir)
+            for sub in (self.run_dir, self.run_dir / "samples"):
+                remove_stale_temporaries(sub)
+            if config_yaml is not None:
+                atomic_write_text(self.run_dir / "config.yaml", config_yaml)
+            self._truncate_metrics()
+            if self.saved_step is None:
+                self.save()
+        else:
+            self._create(config_yaml)
+        self._opened = True
+
+    def _create(self, config_yaml: str | None) -> None:
+        import shutil
+
+        final, parent = self.run_dir, self.run_dir.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError("create folder", parent, e) from None
+        if final.exists() and (not final.is_dir() or any(final.iterdir())):
+            raise TrainingError(f"run folder {final} already exists: resume it with --resume {final} or pick another name")
+        for p in stale_temporaries(parent):  # staging folders of this name left by a kill -9
+            if p.name.startswith(f".{final.name}.") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        stage = temporary_name(final)
+        try:
+            try:
+                stage.mkdir()
+            except OSError as e:
+                raise StorageError("create folder", final, e) from None
+            self._lock(stage)
+            if config_yaml is not None:
+                atomic_write_text(stage / "config.yaml", config_yaml)
+            self.save(folder=stage)
+            try:
+                os.rename(stage, final)
+            except OSError as e:
+                if final.exists():
+                    raise TrainingError(f"run folder {final} already exists: resume it with --resume {final} or pick "
+                                        "another name") from None
+                raise StorageError("create folder", final, e) from None
+            fsync_folder(parent)
+        except BaseException:
+            self._unlock()
+            shutil.rmtree(stage, ignore_errors=True)
+            self.saved_step = None
+            raise
+
+    def _truncate_metrics(self) -> None:
+        """Keep the rows of ``metrics.jsonl`` up to the checkpoint's step (a resume rewrites the rest)."""
+        p = self.run_dir / METRICS
+        if not p.is_file():
+            return
+        try:
+            text = p.read_text(errors="replace")
+        except OSError as e:
+            raise StorageError("read", p, e) from None
+        keep = []
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut by kill -9
+            s = rec.get("step") if isinstance(rec, dict) else None
+            if isinstance(s, int) and s <= self.step:
+                keep.append(line)
+        new = "".join(line + "\n" for line in keep)
+        if new != text:
+            atomic_write_text(p, new)
 
     # --- the loop -----------------------------------------------------------------------
     def lr_at(self, step: int, optimizer: str = "main") -> float:
@@ -265,87 +704,247 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = spec.lr_at(self.step, self.tc.steps)
         opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # the guard: skip this update
+            self.guard.nonfinite(name, "the loss", value)
+            return float("nan")
         loss.backward()
         params = [p for g in opt.param_groups for p in g["params"]]
         if spec.grad_clip > 0:
             gn = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
         else:
             gn = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
+        if not math.isfinite(gn):
+            opt.zero_grad(set_to_none=True)
+            self.guard.nonfinite(name, "the gradient norm", gn)
+            return gn
+        self.guard.observe(name, value)
         opt.step()
+        self._updates_this_step += 1
         if self.ema is not None:
             self.ema.update(self.modules, self.step, self._opt_modules[name])
+        self._event("optimize")
         return gn
 
-    def fit(self, on_sample: Callable[["Trainer"], None] | None = None) -> dict:
-        """Train until ``train.steps`` (or ``max_minutes``, or Ctrl-C); always ends with a checkpoint.
+    def _should_stop(self) -> bool:
+        """Whether a stop was requested (checked between steps only). A distributed trainer
+        all-reduces this flag so that every rank stops after the same step."""
+        return self._stopper is not None and self._stopper.signum is not None
 
-        Every ``log_every`` steps (and at the last step, however the run ends) the mean of each
-        metric over the steps since the last line goes to ``metrics.jsonl``. Returns ``{"step",
-        "status", "elapsed", "steps_this_run"}`` with status ``done``, ``time_limit`` or ``interrupted``.
-        """
+    def _advice(self, nonfinite: bool) -> str:
+        """What to try after a divergence (``nonfinite``: a NaN born in backward, which detect_anomaly can name)."""
+        lrs = sorted({s.lr for s in self.specs.values()})
+        tips = [f"a lower train.lr (now {lrs[0]:g})" if len(lrs) == 1 else
+                f"lower learning rates (now {', '.join(f'{n} {s.lr:g}' for n, s in self.specs.items())})"]
+        if any(s.grad_clip == 0 for s in self.specs.values()):
+            tips.append("gradient clipping (train.grad_clip 1)")
+        else:
+            tips.append("a smaller train.grad_clip")
+        tips.append("a longer train.warmup")
+        if getattr(self, "precision", None) is not None and self.precision.name == "bf16":
+            tips.append("train.precision fp32")
+        if nonfinite and not self.tc.detect_anomaly:
+            tips.append("train.detect_anomaly true to name the operation")
+        return "try " + ", ".join(tips)
+
+    def _judge_step(self, step: int) -> None:
+        """Turn the guard's flags for ``step`` into warnings or a :class:`DivergedError`."""
+        g = self.guard
+        if g.step_skips:
+            g.skipped_in_a_row += 1
+            k = self.tc.nonfinite_skips
+            if g.skipped_in_a_row > k:
+                raise DivergedError(f"step {step}: {g.step_skips[0]}"
+                                    + (f" ({g.skipped_in_a_row} steps in a row, train.nonfinite_skips is {k})" if k else "")
+                                    + f": training diverged; {self._kept()}; "
+                                    + self._advice(nonfinite="gradient" in g.step_skips[0]))
+            self._warn(f"step {step}: {g.step_skips[0]}: update skipped ({g.skipped_in_a_row} of at most {k} in a row)")
+        else:
+            g.skipped_in_a_row = 0
+        if g.step_explosion is not None:
+            name, value, med = g.step_explosion
+            g.exploding_in_a_row += 1
+            if g.exploding_since is None:
+                g.exploding_since = step
+            p = self.tc.divergence_patience
+            if g.exploding_in_a_row >= p:
+                raise DivergedError(f"step {step}: loss {value:.4g} of optimizer {name!r} has been more than "
+                                    f"{self.tc.divergence_factor:g}x its running median ({med:.4g}) for {p} steps: training "
+                                    f"diverged; {self._kept()}; {self._advice(nonfinite=False)}")
+            if g.exploding_in_a_row == 1:
+                self._warn(f"step {step}: loss {value:.4g} of optimizer {name!r} is far above its running median {med:.4g}; "
+                           f"checkpoints wait, and the run stops if this lasts {p} steps")
+        elif g.exploding_in_a_row:
+            self._warn(f"step {step}: the loss is back near its running median after {g.exploding_in_a_row} step(s)")
+            g.exploding_in_a_row, g.exploding_since = 0, None
+
+    def _warn(self, text: str) -> None:
         from tqdm.auto import tqdm
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_f = open(self.run_dir / "metrics.jsonl", "a")
-        status = "done"
-        start_step, t0 = self.step, time.perf_counter()
-        elapsed0 = self.elapsed
-        bar = tqdm(total=self.tc.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc=self.cfg.name, unit="step")
-        old_term = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-        for m in self.modules.values():
-            m.train()
-        window: dict[str, list[float]] = {}
-        last = {"t": time.perf_counter(), "step": self.step}
+        tqdm.write(f"scorelab: {text}", file=sys.stderr)
 
-        def log_line() -> None:
-            if not window:
-                return
-            now = time.perf_counter()
-            its = (self.step - last["step"]) / max(now - last["t"], 1e-9)
-            rec = {"step": self.step, **{k: sum(v) / len(v) for k, v in window.items()}}
-            rec.update({"lr": self.lr_at(self.step - 1), "it_s": its, "ex_s": its * self.tc.batch_size, "elapsed": round(self.elapsed, 2)})
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
-            first = next(iter(window))
-            bar.set_postfix({first: f"{rec[first]:.4g}", "ex_s": f"{rec['ex_s']:.0f}"})
-            window.clear()
-            last.update(t=now, step=self.step)
-
+    def _train_step(self) -> dict[str, float]:
+        """One step. If it raises before any optimizer update, the random streams are rolled back
+        (the state is then exactly that before the step); after an update it cannot be undone, and
+        nothing is saved (the caller keeps the last checkpoint)."""
+        self._phase = f"step {self.step + 1}"
+        self._event("step")
+        rng, noise = torch.get_rng_state(), self.noise.get_state()
+        self._updates_this_step = 0
+        self.guard.begin_step()
+        anomaly = torch.autograd.detect_anomaly() if self.tc.detect_anomaly else contextlib.nullcontext()
         try:
-            while self.step < self.tc.steps:
-                if self.tc.max_minutes and (elapsed0 + time.perf_counter() - t0) > 60 * self.tc.max_minutes:
-                    status = "time_limit"
-                    break
+            with anomaly:
                 batch = self.batch_at(self.step)
                 ctx = StepContext(self.step, self.device, self.noise, self.autocast_dtype, self._optimize)
                 out = self.family.training_step(self._step_fns, batch, ctx)
-                vals = {k: float(v) for k, v in out.items()}
-                first = next(iter(vals))
-                if not math.isfinite(vals[first]):
-                    raise TrainingError(f"{first} became {vals[first]} at step {self.step}; lower train.lr or check the data")
+        except BaseException:
+            if self._updates_this_step == 0:
+                torch.set_rng_state(rng)
+                self.noise.set_state(noise)
+                for m in self.modules.values():
+                    for p in m.parameters():
+                        p.grad = None
+            raise
+        return {k: float(v) for k, v in out.items()}
+
+    def fit(self, on_sample: Callable[["Trainer"], None] | None = None, *, config_yaml: str | None = None,
+            stop: GracefulStop | None = None) -> dict:
+        """Create or take over the run folder (``config_yaml``: the text of its ``config.yaml``) and
+        train until ``train.steps`` (or ``max_minutes``, or a signal); ends with a checkpoint unless
+        the divergence guard stopped the run.
+
+        ``stop``: the caller's :class:`GracefulStop` (the command line installs one at start-up);
+        default: one for the duration of this call. Every ``log_every`` steps, at every checkpoint
+        and at the last step the mean of each metric over the steps since the last row goes to
+        ``metrics.jsonl``. Returns ``{"step", "status", "elapsed", "steps_this_run"}`` with status
+        ``done``, ``time_limit`` or ``interrupted`` (then :attr:`stop_signal` holds the signal).
+        Raises :class:`DivergedError`, :class:`TrainingError` or StorageError (one line each)."""
+        own = stop is None
+        stopper = GracefulStop(defer=True) if own else stop
+        stopper.describe = lambda: self._phase
+        self._stopper = stopper
+        with stopper if own else contextlib.nullcontext():
+            stopper.defer = True  # from here on, something is written: signals wait for the end of the step
+            try:
+                self._open_folder(config_yaml)
+                return self._fit(on_sample)
+            finally:
+                self._unlock()
+
+    def _fit(self, on_sample) -> dict:
+        from tqdm.auto import tqdm
+
+        mpath = self.run_dir / METRICS
+        try:
+            metrics_f = open(mpath, "a")
+        except OSError as e:
+            raise StorageError("write", mpath, e) from None
+        status, save_at_end = "done", True
+        start_step, t0 = self.step, time.perf_counter()
+        elapsed0 = self.elapsed
+        bar = tqdm(total=self.tc.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc=self.cfg.name, unit="step")
+        for m in self.modules.values():
+            m.train()
+        window: dict[str, list[float]] = {}
+        skipped = [0]
+        last = {"t": time.perf_counter(), "step": self.step}
+
+        def log_line() -> None:
+            if not window and not skipped[0]:
+                return
+            now = time.perf_counter()
+            its = (self.step - last["step"]) / max(now - last["t"], 1e-9)
+            rec = {"step": self.step, **{k: sum(v) / len(v) for k, v in window.items() if v}}
+            if skipped[0]:
+                rec["skipped"] = skipped[0]
+            rec.update({"lr": self.lr_at(self.step - 1), "it_s": its, "ex_s": its * self.tc.batch_size, "elapsed": round(self.elapsed, 2)})
+            try:
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+            except OSError as e:
+                raise StorageError("write", mpath, e) from None
+            first = next((k for k in window if window[k]), None)
+            if first is not None:
+                bar.set_postfix({first: f"{rec[first]:.4g}", "ex_s": f"{rec['ex_s']:.0f}"})
+            window.clear()
+            skipped[0] = 0
+            last.update(t=now, step=self.step)
+
+        try:
+            while True:
+                if self._should_stop():
+                    status = "interrupted"
+                    break
+                if self.step >= self.tc.steps:
+                    break
+                if self.tc.max_minutes and (elapsed0 + time.perf_counter() - t0) > 60 * self.tc.max_minutes:
+                    status = "time_limit"
+                    break
+                vals = self._train_step()
                 for k, v in vals.items():
-                    window.setdefault(k, []).append(v)
+                    if math.isfinite(v):
+                        window.setdefault(k, []).append(v)
+                if self.guard.step_skips:
+                    skipped[0] += 1
                 self.step += 1
                 self.elapsed = elapsed0 + time.perf_counter() - t0
+                self._phase = f"step {self.step}"
+                self._judge_step(self.step)
                 if self.step % self.tc.log_every == 0 or self.step == self.tc.steps:
                     log_line()
                 bar.update(1)
-                if self.tc.ckpt_every and self.step % self.tc.ckpt_every == 0 and self.step < self.tc.steps:
-                    self.save()
-                if on_sample is not None and self.tc.sample_every and self.step % self.tc.sample_every == 0 and self.step < self.tc.steps:
-                    on_sample(self)
                 every = self.family.monitor_every()
                 if every and self.step % every == 0:
                     self._monitor(metrics_f)
-        except KeyboardInterrupt:
+                if (on_sample is not None and self.tc.sample_every and self.step % self.tc.sample_every == 0
+                        and self.step < self.tc.steps and not self._should_stop()):
+                    on_sample(self)
+                if self.tc.ckpt_every and self.step % self.tc.ckpt_every == 0 and self.step < self.tc.steps:
+                    if self.guard.alarm:
+                        self._warn(f"step {self.step}: checkpoint deferred while the loss is exploding")
+                    else:
+                        log_line()  # a row at every checkpoint: a resume continues the same rows
+                        self.save()
+                self._event("step_done")
+        except KeyboardInterrupt:  # raised by code inside a step (signals are deferred, never raised there)
             status = "interrupted"
+            self.stop_signal = signal.SIGINT
+            if self._updates_this_step:
+                save_at_end = False
+                print(f"interrupted inside step {self.step + 1} after {self._updates_this_step} update(s): that state is "
+                      f"not saved; {self._kept()}", file=sys.stderr)
+        except DivergedError:
+            raise
+        except TrainingError as e:
+            raise TrainingError(f"{e}; {self._kept()}") from None
+        except StorageError as e:
+            raise (e if e.note else e.with_note(self._kept())) from None
+        except OSError as e:
+            raise StorageError("write", e.filename or self.run_dir, e, note=self._kept()) from None
+        except Exception as e:  # noqa: BLE001 - an error inside a step: one line, the folder stays resumable
+            if self.tc.detect_anomaly and isinstance(e, RuntimeError) and "nan" in str(e).lower():
+                raise DivergedError(f"step {self.step + 1}: autograd anomaly (train.detect_anomaly): {_first_line(e)}; "
+                                    f"{self._kept()}") from e
+            raise TrainingError(f"step {self.step + 1}: {type(e).__name__}: {_first_line(e)}; {self._kept()}") from e
         finally:
-            signal.signal(signal.SIGTERM, old_term)
-            log_line()  # the last step is always logged
-            bar.close()
-            metrics_f.close()
-        self.save()
+            try:
+                log_line()  # the last step is always logged
+            finally:
+                bar.close()
+                metrics_f.close()
+        if status == "interrupted" and self._stopper is not None and self._stopper.signum is not None:
+            self.stop_signal = self._stopper.signum
+        if self.guard.alarm:
+            since = self.guard.exploding_since
+            if status == "interrupted":
+                save_at_end = False
+                print(f"the loss has been exploding since step {since}: that state is not saved; {self._kept()}", file=sys.stderr)
+            else:
+                raise DivergedError(f"step {self.step}: the run ended while its loss was exploding (since step {since}): "
+                                    f"training diverged; {self._kept()}; {self._advice(nonfinite=False)}")
+        if save_at_end and self.saved_step != self.step:
+            self.save()
         if on_sample is not None:
             if status == "interrupted":
                 print("interrupted: checkpoint saved; the final sample grid is skipped (scorelab sample draws one)", file=sys.stderr)
@@ -360,8 +959,11 @@ class Trainer:
         with torch.no_grad():
             out = self.family.monitor(self.sampling_modules(), SimpleNamespace(step=self.step, x=self.x[:2000], seed=0))
         if out:
-            metrics_f.write(json.dumps({"step": self.step, **{k: float(v) for k, v in out.items()}}) + "\n")
-            metrics_f.flush()
+            try:
+                metrics_f.write(json.dumps({"step": self.step, **{k: float(v) for k, v in out.items()}}) + "\n")
+                metrics_f.flush()
+            except OSError as e:
+                raise StorageError("write", self.run_dir / METRICS, e) from None
 
     def sampling_modules(self, use_ema: bool = True) -> dict[str, nn.Module]:
         """Copies of the modules in eval mode, with EMA weights when available."""
@@ -373,14 +975,33 @@ class Trainer:
         return mods
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _check_tensor(key: str, got: torch.Tensor, want: torch.Tensor, where) -> None:
+    """CheckpointError unless ``got`` has ``want``'s shape and dtype and (floating) finite values."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise CheckpointError(f"checkpoint weights do not match the model: {key} has shape {tuple(got.shape)} in {where}, "
+                              f"the model's is {tuple(want.shape)}")
+    if got.dtype != want.dtype:
+        raise CheckpointError(f"checkpoint weights do not match the model: {key} has dtype {got.dtype} in {where}, the "
+                              f"model's is {want.dtype}")
+    if got.is_floating_point() and not torch.isfinite(got).all():
+        raise CheckpointError(f"checkpoint {where}: {key} holds non-finite values: the run diverged (resume from an earlier "
+                              "checkpoint or train again with a lower train.lr)")
 
 
-def load_module_states(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    """Load ``prefix.<module>.<key>`` tensors into modules; a mismatch raises CheckpointError."""
+def load_module_states(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], prefix: str, where="the checkpoint") -> None:
+    """Load ``prefix.<module>.<key>`` tensors into modules. Every tensor is checked first (present,
+    no extra, same shape and dtype, finite): a mismatch raises CheckpointError naming the tensor."""
     for name, m in modules.items():
-        sd = {k[len(prefix) + len(name) + 2 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{name}.")}
+        head = f"{prefix}.{name}."
+        sd = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
+        own = m.state_dict()
+        missing = [k for k in own if k not in sd]
+        extra = [k for k in sd if k not in own]
+        if missing or extra:
+            what = f"lacks {head}{missing[0]}" if missing else f"has {head}{extra[0]}, which the model lacks"
+            raise CheckpointError(f"checkpoint weights for {name!r} do not match the model: {where} {what}")
+        for k, v in sd.items():
+            _check_tensor(head + k, v, own[k], where)
         try:
             m.load_state_dict(sd)
         except RuntimeError as e:
