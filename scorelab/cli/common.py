@@ -121,6 +121,12 @@ def check_data_options(name: str, options: dict) -> None:
     fn = DATASETS.get(name)
     if fn is None:
         return
+    if name == "npz" and isinstance(options.get("path"), str):
+        import zipfile
+
+        p = Path(options["path"])
+        if p.is_file() and not zipfile.is_zipfile(p):
+            raise DataError(f"{p}: not a readable npz (not a zip archive: an .npy file? write one with numpy.savez)")
     defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.default is not p.empty}
     toy_cls = None
     if getattr(fn, "_toy_params", None):

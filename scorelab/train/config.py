@@ -209,6 +209,9 @@ def load_yaml(path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
+        if isinstance(e, yaml.constructor.ConstructorError):  # !!python/object and friends: never constructed
+            tag = str(getattr(e, "problem", "")).rsplit("tag:yaml.org,2002:", 1)[-1].rstrip("'")
+            raise ConfigError(f"config file {p}{where}: the YAML tag !!{tag} is not allowed (plain values only)") from None
         raise ConfigError(f"config file {p} is not valid YAML{where}") from None
     if d is None:
         raise ConfigError(f"config file {p} is empty (expected a mapping with name, data, model, train)")

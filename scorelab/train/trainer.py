@@ -294,8 +294,8 @@ class DivergenceGuard:
 
     @property
     def alarm(self) -> bool:
-        """The loss is exploding now: checkpoints wait."""
-        return self.exploding_in_a_row > 0
+        """The loss is exploding, or the last step's update was skipped: checkpoints wait."""
+        return self.exploding_in_a_row > 0 or self.skipped_in_a_row > 0
 
     def state_dict(self) -> dict:
         return {"history": self.history, "skipped_in_a_row": self.skipped_in_a_row,
@@ -371,6 +371,7 @@ class Trainer:
         self._stopper: GracefulStop | None = None
         self._opened = False
         self._lock_fd: int | None = None
+        self._pending_config: str | None = None  # a resumed run's new config.yaml, written with its next checkpoint
         if resume:
             self._load()
             if self.step >= self.tc.steps:
@@ -542,6 +543,9 @@ class Trainer:
         phase, self._phase = self._phase, f"writing the checkpoint of step {self.step}"
         self._event("save")
         try:
+            if folder is None and self._pending_config is not None:
+                atomic_write_text(self.run_dir / "config.yaml", self._pending_config)  # before: a kill between keeps both usable
+                self._pending_config = None
             save_checkpoint(path, tensors, meta)
         except StorageError as e:
             intact = (f"the checkpoint at step {self.saved_step} is intact; free space and resume with --resume "
@@ -603,16 +607,16 @@ class Trainer:
 
     def _open_folder(self, config_yaml: str | None) -> None:
         """Create the run folder (staging folder, config, step-0 checkpoint, rename) or take over a
-        resumed one (lock, stale temporaries removed, metrics truncated to the checkpoint's step,
-        config rewritten)."""
+        resumed one (lock, stale temporaries removed, metrics truncated to the checkpoint's step;
+        its config.yaml is rewritten with the next checkpoint, so a resume that stops before one,
+        e.g. by the divergence guard, leaves the folder's config and checkpoint as they were)."""
         if self._opened:
             return
         if self.resume:
             self._lock(self.run_dir)
             for sub in (self.run_dir, self.run_dir / "samples"):
                 remove_stale_temporaries(sub)
-            if config_yaml is not None:
-                atomic_write_text(self.run_dir / "config.yaml", config_yaml)
+            self._pending_config = config_yaml  # written just before the first new checkpoint
             self._truncate_metrics()
             if self.saved_step is None:
                 self.save()
@@ -774,7 +778,7 @@ class Trainer:
             if g.exploding_in_a_row == 1:
                 self._warn(f"step {step}: loss {value:.4g} of optimizer {name!r} is far above its running median {med:.4g}; "
                            f"checkpoints wait, and the run stops if this lasts {p} steps")
-        elif g.exploding_in_a_row:
+        elif g.exploding_in_a_row and not g.step_skips:  # a skipped step says nothing about recovery
             self._warn(f"step {step}: the loss is back near its running median after {g.exploding_in_a_row} step(s)")
             g.exploding_in_a_row, g.exploding_since = 0, None
 
@@ -902,7 +906,7 @@ class Trainer:
                     on_sample(self)
                 if self.tc.ckpt_every and self.step % self.tc.ckpt_every == 0 and self.step < self.tc.steps:
                     if self.guard.alarm:
-                        self._warn(f"step {self.step}: checkpoint deferred while the loss is exploding")
+                        self._warn(f"step {self.step}: checkpoint deferred while the loss is exploding or non-finite")
                     else:
                         log_line()  # a row at every checkpoint: a resume continues the same rows
                         self.save()
@@ -935,14 +939,14 @@ class Trainer:
                 metrics_f.close()
         if status == "interrupted" and self._stopper is not None and self._stopper.signum is not None:
             self.stop_signal = self._stopper.signum
-        if self.guard.alarm:
-            since = self.guard.exploding_since
+        if self.guard.exploding_in_a_row and save_at_end:  # (skipped updates leave finite weights: those are saved)
+            what = f"its loss was exploding (since step {self.guard.exploding_since})"
             if status == "interrupted":
                 save_at_end = False
-                print(f"the loss has been exploding since step {since}: that state is not saved; {self._kept()}", file=sys.stderr)
+                print(f"stopped while {what}: that state is not saved; {self._kept()}", file=sys.stderr)
             else:
-                raise DivergedError(f"step {self.step}: the run ended while its loss was exploding (since step {since}): "
-                                    f"training diverged; {self._kept()}; {self._advice(nonfinite=False)}")
+                raise DivergedError(f"step {self.step}: the run ended while {what}: training diverged; {self._kept()}; "
+                                    f"{self._advice(nonfinite=False)}")
         if save_at_end and self.saved_step != self.step:
             self.save()
         if on_sample is not None:
@@ -984,7 +988,7 @@ def _check_tensor(key: str, got: torch.Tensor, want: torch.Tensor, where) -> Non
         raise CheckpointError(f"checkpoint weights do not match the model: {key} has dtype {got.dtype} in {where}, the "
                               f"model's is {want.dtype}")
     if got.is_floating_point() and not torch.isfinite(got).all():
-        raise CheckpointError(f"checkpoint {where}: {key} holds non-finite values: the run diverged (resume from an earlier "
+        raise CheckpointError(f"{key} in {where} holds non-finite values: the run diverged (resume from an earlier "
                               "checkpoint or train again with a lower train.lr)")
 
 
