@@ -116,7 +116,7 @@ def open_run(path, *, use_ema: bool = True, precision: str | None = None, device
     family.autocast_dtype = _sampling_dtype(precision or cfg.resolved.get("precision") or meta.get("precision") or "fp32")
     mods = family.modules()
     prefix = "ema" if use_ema and any(k.startswith("ema.") for k in tensors) else "model"
-    load_module_states(mods, tensors, prefix)
+    load_module_states(mods, tensors, prefix, where=d / CKPT)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     for m in mods.values():
         m.to(dev).eval().requires_grad_(False)

@@ -24,16 +24,23 @@ __all__ = ["image_grid", "save_image_grid", "save_scatter", "plot_loss_curve", "
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to ``path`` (same suffix); rename it onto ``path`` on success."""
+    """Yield a temporary path next to ``path`` (same suffix); rename it onto ``path`` on success.
+
+    Any OSError (a full disk, a read-only folder) removes the temporary and is raised again with
+    ``filename`` the final ``path``, so the message names the file the user asked for."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only folder...: one error naming the user's file, not the temporary
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
-        if tmp.exists():
+        try:
             tmp.unlink()
+        except OSError:
+            pass
 
 
 def image_grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:

@@ -37,8 +37,16 @@ def run(args, rest) -> int:
 
     if rest:
         raise UsageError(f"unexpected argument {rest[0]!r}")
-    if args.n < 1 or args.n_real < 0 or args.nll_n < 0 or args.nll_batch < 1:
-        raise UsageError("--n and --nll-batch must be >= 1, --n-real and --nll-n >= 0")
+    for flag, value, low in (("--n", args.n, 1), ("--nll-batch", args.nll_batch, 1), ("--n-real", args.n_real, 0),
+                             ("--nll-n", args.nll_n, 0), ("--nll-n-slow", args.nll_n_slow, 0)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.nll_t is not None and args.nll_t < 1:
+        raise UsageError(f"--nll-t must be >= 1, got {args.nll_t}")
+    if args.nll_k is not None and args.nll_k < 1:
+        raise UsageError(f"--nll-k must be >= 1, got {args.nll_k}")
     r = open_run(args.run, precision=args.precision)
     if args.nll:
         caps = r.family.capabilities()

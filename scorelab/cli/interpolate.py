@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UsageError, given, parse_classes
+from .common import UsageError, check_out, given, parse_classes
 
 
 def add_parser(sub) -> None:
@@ -39,6 +39,7 @@ def run(args, rest) -> int:
         raise UsageError(f"--n must be >= 2, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    check_out(args.out)
     r = open_run(args.run, precision=args.precision)
     fam, caps = r.family, r.family.capabilities()
     caps.require("interpolate", fam.name, bool(caps.interpolate))

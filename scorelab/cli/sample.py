@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import UsageError, given, parse_classes
+from .common import UsageError, check_out, given, parse_classes
 
 # command-line flags of the sample verb that map to Family.sample options (dest -> option name)
 SAMPLE_FLAGS = ("sampler", "steps", "grid", "cfg", "classifier", "classifier_scale", "step_size", "init_std",
@@ -39,9 +39,19 @@ def sampling_options(args, family) -> dict:
     """The family options the user gave, with ``--classifier RUN`` opened through the run API."""
     from ..runs import open_run
 
+    import math
+
     opts = given(args, *SAMPLE_FLAGS)
     if "steps" in opts and opts["steps"] < 1:
         raise UsageError(f"--steps must be >= 1, got {opts['steps']}")
+    for k in ("cfg", "classifier_scale", "step_size", "init_std", "temperature", "truncation"):
+        if k in opts and not math.isfinite(opts[k]):
+            raise UsageError(f"--{k.replace('_', '-')} must be a finite number, got {opts[k]}")
+    for k in ("step_size", "init_std"):
+        if k in opts and not opts[k] > 0:
+            raise UsageError(f"--{k.replace('_', '-')} must be > 0, got {opts[k]}")
+    if "temperature" in opts and opts["temperature"] < 0:
+        raise UsageError(f"--temperature must be >= 0, got {opts['temperature']}")
     if "classifier_scale" in opts and "classifier" not in opts:
         raise UsageError("--classifier-scale needs --classifier RUN")
     if "classifier" in opts:
@@ -77,8 +87,9 @@ def run(args, rest) -> int:
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     out = Path(args.out) if args.out else None
-    if out is not None and not out.parent.is_dir():
-        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    check_out(out, (".png", ".jpg", ".jpeg", ".npz"))
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     r = open_run(args.run, precision=args.precision)
     if not r.family.capabilities().generate:
         r.family.sample(r.modules, args.n)  # raises the family's own "cannot sample" message

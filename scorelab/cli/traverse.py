@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UsageError
+from .common import UsageError, check_out
 
 
 def add_parser(sub) -> None:
@@ -28,8 +28,11 @@ def run(args, rest) -> int:
 
     if rest:
         raise UsageError(f"unexpected argument {rest[0]!r}")
-    if args.n < 2 or not args.span > 0:
-        raise UsageError("--n must be >= 2 and --range > 0")
+    if args.n < 2 or not args.span > 0 or args.span == float("inf"):
+        raise UsageError("--n must be >= 2 and --range a finite number > 0")
+    if args.index < 0 or (args.dims and min(args.dims) < 0):
+        raise UsageError("--index and --dims must be >= 0")
+    check_out(args.out)
     r = open_run(args.run, precision=args.precision)
     caps = r.family.capabilities()
     caps.require("traverse", r.family.name, caps.traverse)

@@ -89,10 +89,28 @@ def check_model_fields(cfg) -> None:
         raise ConfigError(f"model.grid {cfg.grid!r} is unknown: expected one of {', '.join(GRIDS)}")
     if not isinstance(cfg.sampler_options, dict):
         raise ConfigError(f"model.sampler_options must be a mapping, got {cfg.sampler_options!r}")
+    _check_keywords("sampler_options", cfg.sampler_options, SAMPLERS[cfg.sampler], f"sampler {cfg.sampler!r}",
+                    ("denoiser", "x", "ts", "generator", "callback", "cond"))
+    if not isinstance(cfg.grid_options, dict):
+        raise ConfigError(f"model.grid_options must be a mapping, got {cfg.grid_options!r}")
+    _check_keywords("grid_options", cfg.grid_options, GRIDS[cfg.grid], f"grid {cfg.grid!r}", ("path", "n"))
     if cfg.sampling_steps < 1:
         raise ConfigError(f"model.sampling_steps must be >= 1, got {cfg.sampling_steps}")
     if not 0 <= cfg.label_dropout < 1:
         raise ConfigError(f"model.label_dropout must be in [0, 1), got {cfg.label_dropout}")
+
+
+def _check_keywords(field: str, options: dict, fn, what: str, internal: tuple) -> None:
+    """ConfigError naming ``model.<field>.<key>`` for a key that ``fn`` does not take (checked when
+    the config is read, not when the first sample is drawn after training)."""
+    import inspect
+
+    takes = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in internal]
+    for key in options:
+        if key not in takes:
+            raise ConfigError(f"model.{field}.{key}: the {what} takes no option {key!r} "
+                              f"(it takes: {', '.join(takes) or 'none'})")
 
 
 def check_path_fields(cfg) -> None:
@@ -100,10 +118,16 @@ def check_path_fields(cfg) -> None:
     options can be built (diffusion and noise-aware classifier configs)."""
     if cfg.path not in PATHS:
         raise ConfigError(f"model.path {cfg.path!r} is unknown: expected one of {', '.join(PATHS)}")
+    for k in ("path_options", "time_sampler_options"):
+        if not isinstance(getattr(cfg, k), dict):
+            raise ConfigError(f"model.{k} must be a mapping, got {getattr(cfg, k)!r}")
     try:
         make_path(cfg.path, **cfg.path_options)
+    except (ValueError, TypeError, RuntimeError) as e:  # e.g. {T: -5}: torch's own error
+        raise ConfigError(f"model: path {cfg.path!r} with path_options {cfg.path_options}: {e}") from None
+    try:
         make_time_sampler(cfg.time_sampler, **cfg.time_sampler_options)
-    except ValueError as e:
+    except (ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"model: {e}") from None
 
 
