@@ -102,7 +102,7 @@ def save_scatter(x: Tensor, path, reference: Tensor | None = None, title: str = 
 _BOOKKEEPING = ("step", "lr", "it_s", "ex_s", "elapsed")
 
 
-def plot_loss_curve(metrics_jsonl, path, max_panels: int = 6) -> Path | None:
+def plot_loss_curve(metrics_jsonl, path, max_panels: int = 9) -> Path | None:
     """Every metric of a run's ``metrics.jsonl`` against step, one panel each (losses first, log
     scale when positive; bookkeeping such as lr and throughput left out). A single logged point is
     drawn as a marker, so even a short run has a picture."""

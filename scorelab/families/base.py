@@ -163,8 +163,8 @@ class OptimizerSpec:
 
     The learning rate follows ``lr * warmup(step) * schedule(step)``: linear warm-up over
     ``warmup`` steps, then ``constant``, ``cosine`` (to ``lr * min_lr_ratio`` at ``total_steps``)
-    or ``linear`` decay. ``every``: the family calls this optimizer every ``every`` steps (GANs'
-    n_critic lives in the family; this only documents it).
+    or ``linear`` decay. How often an optimizer steps is the family's business (it calls
+    ``ctx.optimize(loss, name)``; a GAN's n_critic lives in its config).
     """
 
     modules: tuple  # names from Family.modules() whose parameters this optimizer updates
