@@ -8,7 +8,11 @@ which samplers, losses, guidance and likelihoods are tested.
 
 Each component is stored through the eigendecomposition ``C_k = U_k diag(l_k) U_k^T``, so the
 noised covariance is ``U_k diag(alpha^2 l_k + sigma^2) U_k^T`` for every ``t`` at no extra cost.
-All computations run in float64.
+Isotropic and diagonal components (covariances given as (K,) or (K, D) standard deviations) have
+``U_k = I`` and never touch a D x D matrix: when every example of a batch shares one time (a
+sampler's step), the Gaussian log-densities and posterior means are a few (B, D) x (D, K)
+products (see :meth:`GaussianMixture._diagonal_uniform`), O(B K D) with no (B, K, D) temporaries;
+full covariances cost O(B K D^2). All computations run in float64.
 """
 
 from __future__ import annotations
@@ -48,11 +52,13 @@ class GaussianMixture:
         if w.shape != (K,) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights must be (K,)=({K},) non-negative with positive sum")
         c = torch.as_tensor(covs, dtype=_F)
+        evecs = None  # identity for isotropic / diagonal components (not stored)
         if c.shape == (K,):  # isotropic std
-            evals, evecs = (c[:, None] ** 2).expand(K, D).clone(), torch.eye(D, dtype=_F).expand(K, D, D).clone()
+            evals, structure = (c[:, None] ** 2).expand(K, D).clone(), "isotropic"
         elif c.shape == (K, D):  # diagonal std
-            evals, evecs = c**2, torch.eye(D, dtype=_F).expand(K, D, D).clone()
+            evals, structure = c**2, "diagonal"
         elif c.shape == (K, D, D):
+            structure = "full"
             c = 0.5 * (c + c.transpose(1, 2))
             evals, evecs = torch.linalg.eigh(c)
             if (evals <= 0).any():
@@ -62,8 +68,16 @@ class GaussianMixture:
         self.weights = w / w.sum()
         self.means = m
         self.evals = evals  # (K, D)
-        self.evecs = evecs  # (K, D, D), columns are eigenvectors
+        self._evecs = evecs  # (K, D, D), columns are eigenvectors; None: every U_k = I
+        self.structure = structure  # "isotropic" | "diagonal" | "full": which fast path applies
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+
+    @property
+    def evecs(self) -> Tensor:
+        """(K, D, D) eigenvectors (columns) of each covariance; identities for isotropic / diagonal ones."""
+        if self._evecs is None:
+            return torch.eye(self.dim, dtype=_F).expand(self.K, self.dim, self.dim)
+        return self._evecs
 
     # --- basic properties ---------------------------------------------------------------
     @property
@@ -94,7 +108,9 @@ class GaussianMixture:
         idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
         g = GaussianMixture.__new__(GaussianMixture)
         g.weights = self.weights[idx] / self.weights[idx].sum()
-        g.means, g.evals, g.evecs = self.means[idx], self.evals[idx], self.evecs[idx]
+        g.means, g.evals = self.means[idx], self.evals[idx]
+        g._evecs = None if self._evecs is None else self._evecs[idx]
+        g.structure = self.structure
         g.labels = None if self.labels is None else self.labels[idx]
         return g
 
@@ -110,7 +126,10 @@ class GaussianMixture:
         u = rand((n,), generator=generator, dtype=_F)
         k = torch.searchsorted(torch.cumsum(self.weights, 0), u).clamp(max=self.K - 1)
         z = randn((n, self.dim), generator=generator, dtype=_F)
-        x = self.means[k] + torch.einsum("nij,nj->ni", self.evecs[k], z * self.evals[k].sqrt())
+        if self._evecs is None:
+            x = self.means[k] + z * self.evals[k].sqrt()
+        else:
+            x = self.means[k] + torch.einsum("nij,nj->ni", self._evecs[k], z * self.evals[k].sqrt())
         return (x, k) if return_component else x
 
     def _components(self, x: Tensor, alpha: Tensor, sigma: Tensor):
@@ -122,10 +141,64 @@ class GaussianMixture:
         a = alpha.to(_F).reshape(-1, 1, 1)
         s = sigma.to(_F).reshape(-1, 1, 1)
         diff = x[:, None, :] - a * self.means[None]  # (B, K, D)
-        y = torch.einsum("kdj,bkd->bkj", self.evecs, diff)  # (B, K, D)
+        y = diff if self._evecs is None else torch.einsum("kdj,bkd->bkj", self._evecs, diff)  # (B, K, D)
         var = a**2 * self.evals[None] + s**2  # (B, K, D)
         logn = -0.5 * ((y**2 / var) + torch.log(2 * math.pi * var)).sum(-1)  # (B, K)
         return logn, y, var
+
+    def _rotate_back(self, v: Tensor) -> Tensor:
+        """``U_k v_k`` for ``v: (B, K, D)`` given in each component's eigenbasis."""
+        return v if self._evecs is None else torch.einsum("kdj,bkj->bkd", self._evecs, v)
+
+    @staticmethod
+    def _shared(alpha: Tensor, sigma: Tensor) -> tuple[float, float] | None:
+        """``(alpha, sigma)`` as floats when every example has the same ones (a sampler's step), else None."""
+        if alpha.numel() == 0 or alpha.requires_grad or sigma.requires_grad:
+            return None
+        a0, s0 = alpha.reshape(-1)[0], sigma.reshape(-1)[0]
+        if bool((alpha == a0).all()) and bool((sigma == s0).all()):
+            return float(a0), float(s0)
+        return None
+
+    def _diagonal_uniform(self, x: Tensor, a: float, s: float, posterior: bool):
+        """Isotropic / diagonal components at one shared ``(alpha, sigma)``, without (B, K, D) temporaries.
+
+        With ``V_k = alpha^2 l_k + sigma^2`` (K, D) and ``x: (B, D)``:
+
+            log N_k = -1/2 [ x^2 . (1/V_k) - 2 alpha x . (m_k / V_k) + alpha^2 m_k^2 . (1/V_k) + sum_d log(2 pi V_kd) ]
+            E[x_0 | x, k] = m_k sigma^2 / V_k + alpha x l_k / V_k,     E[eps | x, k] = sigma (x - alpha m_k) / V_k
+
+        so the mixture's ``x0 = r (M sigma^2 / V) + alpha x * (r (L / V))`` and ``eps = sigma x * (r / V) -
+        sigma alpha r (M / V)`` with ``r: (B, K)`` the responsibilities: (B, D) x (D, K) products only.
+        Returns ``logn (B, K)`` and, with ``posterior``, the callable ``(r) -> (x0, eps)``.
+        """
+        x = x.to(_F)
+        M = self.means  # (K, D)
+        if self.structure == "isotropic":
+            V = a * a * self.evals[:, 0] + s * s  # (K,)
+            iV = 1 / V
+            quad = ((x * x).sum(1, keepdim=True) - 2 * a * (x @ M.T)) * iV + (a * a) * (M * M).sum(1) * iV
+            logn = -0.5 * (quad + self.dim * torch.log(2 * math.pi * V))
+        else:
+            V = a * a * self.evals + s * s  # (K, D)
+            iV = 1 / V
+            quad = (x * x) @ iV.T - (2 * a) * (x @ (M * iV).T) + (a * a) * (M * M * iV).sum(1)
+            logn = -0.5 * (quad + torch.log(2 * math.pi * V).sum(1))
+        if not posterior:
+            return logn, None
+
+        def means(r: Tensor) -> tuple[Tensor, Tensor]:
+            if self.structure == "isotropic":
+                w_x0 = r @ (self.evals[:, 0] * iV)  # (B,): sum_k r_k l_k / V_k
+                w_eps = r @ iV  # (B,)
+                x0 = (s * s) * (r * iV) @ M + a * x * w_x0[:, None]
+                eps = s * x * w_eps[:, None] - (s * a) * (r * iV) @ M
+            else:
+                x0 = (s * s) * (r @ (M * iV)) + a * x * (r @ (self.evals * iV))
+                eps = s * x * (r @ iV) - (s * a) * (r @ (M * iV))
+            return x0, eps
+
+        return logn, means
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Log-density at ``x: (B, D)``: (B,)."""
@@ -135,8 +208,15 @@ class GaussianMixture:
     def marginal_log_prob(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         """Log-density of the noised marginal ``p_t`` at ``x: (B, D)``; alpha, sigma: (B,) or scalars."""
         alpha, sigma = _batch(alpha, x), _batch(sigma, x)
-        logn, _, _ = self._components(x, alpha, sigma)
+        logn = self._log_normals(x, alpha, sigma)
         return torch.logsumexp(logn + torch.log(self.weights), dim=1)
+
+    def _log_normals(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """``log N(x; alpha m_k, alpha^2 C_k + sigma^2 I)``: (B, K), by the fastest exact route."""
+        shared = self._shared(alpha, sigma) if self._evecs is None else None
+        if shared is not None:
+            return self._diagonal_uniform(x, *shared, posterior=False)[0]
+        return self._components(x, alpha, sigma)[0]
 
     def posterior(self, x: Tensor, alpha: Tensor, sigma: Tensor, log_prior: Tensor | None = None):
         """``(x0_mean, eps_mean, responsibilities)`` of the noised marginal at ``x: (B, D)``.
@@ -146,15 +226,21 @@ class GaussianMixture:
         (used to condition on a class).
         """
         alpha, sigma = _batch(alpha, x), _batch(sigma, x)
-        logn, y, var = self._components(x, alpha, sigma)
         lw = torch.log(self.weights)[None] if log_prior is None else log_prior
+        shared = self._shared(alpha, sigma) if self._evecs is None else None
+        if shared is not None:  # isotropic / diagonal at one time: (B, D) x (D, K) products
+            logn, means = self._diagonal_uniform(x, *shared, posterior=True)
+            r = torch.softmax(logn + lw, dim=1)  # (B, K)
+            x0, eps = means(r)
+            return x0, eps, r
+        logn, y, var = self._components(x, alpha, sigma)
         r = torch.softmax(logn + lw, dim=1)  # (B, K)
         a = alpha.to(_F).reshape(-1, 1, 1)
         s = sigma.to(_F).reshape(-1, 1, 1)
         # E[x0 | x_t, k] = m_k + alpha C_k (alpha^2 C_k + sigma^2 I)^{-1} (x_t - alpha m_k)
-        x0_k = self.means[None] + torch.einsum("kdj,bkj->bkd", self.evecs, a * self.evals[None] * y / var)
+        x0_k = self.means[None] + self._rotate_back(a * self.evals[None] * y / var)
         # E[eps | x_t, k] = sigma (alpha^2 C_k + sigma^2 I)^{-1} (x_t - alpha m_k)
-        eps_k = torch.einsum("kdj,bkj->bkd", self.evecs, s * y / var)
+        eps_k = self._rotate_back(s * y / var)
         return (r[..., None] * x0_k).sum(1), (r[..., None] * eps_k).sum(1), r
 
     def class_log_posterior(self, x: Tensor, alpha, sigma) -> Tensor:
@@ -167,7 +253,7 @@ class GaussianMixture:
         if self.labels is None:
             raise ValueError("this mixture has no labels")
         alpha, sigma = _batch(alpha, x), _batch(sigma, x)
-        logn, _, _ = self._components(x, alpha, sigma)
+        logn = self._log_normals(x, alpha, sigma)
         joint = logn + torch.log(self.weights)[None]  # (B, K): log w_k N_k(x_t)
         onehot = torch.nn.functional.one_hot(self.labels, int(self.labels.max()) + 1).to(_F)  # (K, C)
         per_class = torch.logsumexp(joint[:, :, None] + torch.log(onehot)[None], dim=1)  # (B, C)
@@ -176,9 +262,12 @@ class GaussianMixture:
     def marginal_score(self, x: Tensor, alpha, sigma) -> Tensor:
         """``grad_x log p_t(x)`` at ``x: (B, D)``."""
         alpha, sigma = _batch(alpha, x), _batch(sigma, x)
+        shared = self._shared(alpha, sigma) if self._evecs is None else None
+        if shared is not None and shared[1] > 0:  # score = -E[eps | x_t] / sigma
+            return -self.posterior(x, alpha, sigma)[1] / shared[1]
         logn, y, var = self._components(x, alpha, sigma)
         r = torch.softmax(logn + torch.log(self.weights)[None], dim=1)
-        score_k = -torch.einsum("kdj,bkj->bkd", self.evecs, y / var)
+        score_k = -self._rotate_back(y / var)
         return (r[..., None] * score_k).sum(1)
 
     def score(self, x: Tensor) -> Tensor:
@@ -189,7 +278,7 @@ class GaussianMixture:
         """The marginal at one time as a mixture: means alpha m_k, covariances alpha^2 C_k + sigma^2 I."""
         g = GaussianMixture.__new__(GaussianMixture)
         g.weights, g.labels = self.weights, self.labels
-        g.means, g.evecs = alpha * self.means, self.evecs
+        g.means, g._evecs, g.structure = alpha * self.means, self._evecs, self.structure
         g.evals = alpha**2 * self.evals + sigma**2
         return g
 
