@@ -510,30 +510,51 @@ def _grid_uniform(path: Path, n: int, **_) -> Tensor:
 
 
 # Where a path's log-SNR is infinite at an end (rectified flow at t = 0 and 1), log-SNR grids use
-# EDM's noise range sigma/alpha in [0.002, 80] instead; the grid's end points stay t_max and t_min.
-_LAMBDA_RANGE = (-2 * math.log(80.0), -2 * math.log(0.002))
+# the noise range sigma/alpha in [0.01, 80] instead: EDM's largest noise level and the noisy end of
+# the VP (t_min = 1e-3), DDPM (t = 0) and VE (sigma_min = 0.01) defaults (EDM's own 0.002 spent a
+# tenth of a 10-step rectified-flow grid below 0.01 and doubled its error on the benchmark
+# mixtures); the grid's end points stay t_max and t_min.
+_LAMBDA_RANGE = (-2 * math.log(80.0), -2 * math.log(0.01))
 
 
-def _log_snr_range(path: Path) -> tuple[float, float]:
-    """(log-SNR at t_max, log-SNR at t_min), clamped to a finite range."""
+def _log_snr_range(path: Path, log_snr_max: float | None = None) -> tuple[float, float]:
+    """(log-SNR at t_max, log-SNR at t_min), clamped to a finite range; the upper end at most ``log_snr_max``."""
     lo = float(path.log_snr(torch.tensor(path.t_max, dtype=torch.float64)))
     hi = float(path.log_snr(torch.tensor(path.t_min, dtype=torch.float64)))
-    return max(lo, _LAMBDA_RANGE[0]) if not math.isfinite(lo) else lo, min(hi, _LAMBDA_RANGE[1]) if not math.isfinite(hi) else hi
+    lo = lo if math.isfinite(lo) else max(lo, _LAMBDA_RANGE[0])
+    hi = hi if math.isfinite(hi) else min(hi, _LAMBDA_RANGE[1])
+    if log_snr_max is not None:
+        hi = min(hi, float(log_snr_max))
+    return lo, hi
 
 
-def _grid_karras(path: Path, n: int, rho: float = 7.0, **_) -> Tensor:
+def _grid_karras(path: Path, n: int, rho: float = 7.0, log_snr_max: float | None = None, **_) -> Tensor:
     """Karras et al. 2022 eq. 5 on the VE-equivalent noise ``s = sigma/alpha = exp(-lambda/2)``."""
-    lam_lo, lam_hi = _log_snr_range(path)
+    lam_lo, lam_hi = _log_snr_range(path, log_snr_max)
     s_max, s_min = math.exp(-0.5 * lam_lo), math.exp(-0.5 * lam_hi)
     r = torch.linspace(0, 1, n, dtype=torch.float64)
     s = (s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    return _from_log_snr(path, -2 * torch.log(s))
+    return _from_log_snr(path, -2 * torch.log(s), end=log_snr_max is None)
 
 
-def _grid_logsnr(path: Path, n: int, **_) -> Tensor:
+def _grid_logsnr(path: Path, n: int, log_snr_max: float | None = None, **_) -> Tensor:
     """Uniform in log-SNR (the DPM-Solver 'logSNR' grid)."""
-    lam_lo, lam_hi = _log_snr_range(path)
-    return _from_log_snr(path, torch.linspace(lam_lo, lam_hi, n, dtype=torch.float64))
+    lam_lo, lam_hi = _log_snr_range(path, log_snr_max)
+    return _from_log_snr(path, torch.linspace(lam_lo, lam_hi, n, dtype=torch.float64), end=log_snr_max is None)
+
+
+def _grid_logsnr_x0(path: Path, n: int, log_snr_max: float | None = None, **_) -> Tensor:
+    """``n`` times uniform in log-SNR that leave the last of ``n`` equal intervals to the final step.
+
+    ``lambda_k = lambda(t_max) + k (lambda(t_min) - lambda(t_max)) / n`` for ``k = 0 .. n-1``: with
+    :func:`time_grid`'s clean end, a grid of ``steps`` steps is ``steps`` equal log-SNR intervals
+    spanning the path's range, the last one covered by the step onto ``t_clean`` (where a sampler
+    returns its ``x0_hat``), as diffusers' DPM-Solver grids end (``final_sigmas_type="zero"``). The
+    last noisy time moves toward ``t_min`` as the number of steps grows; with few steps the final
+    denoising step starts earlier instead of spending an evaluation near ``t_min``.
+    """
+    lam_lo, lam_hi = _log_snr_range(path, log_snr_max)
+    return _from_log_snr(path, torch.linspace(lam_lo, lam_hi, n + 1, dtype=torch.float64)[:-1], end=False)
 
 
 def _grid_shift(path: Path, n: int, shift: float = 3.0, **_) -> Tensor:
@@ -558,14 +579,17 @@ def _grid_shift(path: Path, n: int, shift: float = 3.0, **_) -> Tensor:
     return t
 
 
-def _from_log_snr(path: Path, lam: Tensor) -> Tensor:
+def _from_log_snr(path: Path, lam: Tensor, end: bool = True) -> Tensor:
     t = path.t_from_log_snr(lam)
     # end points exactly, whatever the rounding of the inverse
-    t[0], t[-1] = path.t_max, path.t_min
+    t[0] = path.t_max
+    if end:
+        t[-1] = path.t_min
     return t
 
 
-GRIDS = {"uniform": _grid_uniform, "karras": _grid_karras, "logsnr": _grid_logsnr, "shift": _grid_shift}
+GRIDS = {"uniform": _grid_uniform, "karras": _grid_karras, "logsnr": _grid_logsnr, "logsnr_x0": _grid_logsnr_x0,
+         "shift": _grid_shift}
 
 
 def time_grid(path: Path, steps: int, kind: str = "uniform", clean_end: bool = True, **kwargs) -> Tensor:
@@ -575,21 +599,27 @@ def time_grid(path: Path, steps: int, kind: str = "uniform", clean_end: bool = T
     are spread over ``[t_max, t_min]`` by ``kind`` and the last is ``t_clean`` (sigma = 0, where a
     sampler returns its denoised estimate); without it all ``steps + 1`` lie on ``[t_max, t_min]``.
     When ``t_min`` is itself clean (rectified flow) the grid is simply ``steps + 1`` points on
-    ``[t_max, t_min]``, so no step is wasted.
-    ``kind``: ``uniform`` (in t), ``karras`` (``rho=7``), ``logsnr``, ``shift`` (``shift=3``).
+    ``[t_max, t_min]``, so no step is wasted (unless the grid stops short of it, e.g. ``logsnr``
+    with ``log_snr_max``: then a clean point is appended as on other paths).
+    ``kind``: ``uniform`` (in t), ``karras`` (``rho=7``), ``logsnr``, ``shift`` (``shift=3``);
+    ``karras`` and ``logsnr`` take ``log_snr_max`` (the log-SNR of the last noisy time, if below
+    the path's own at ``t_min``). A grid never repeats a time (ValueError otherwise).
     """
     if kind not in GRIDS:
         raise ValueError(f"unknown time grid {kind!r}: expected one of {', '.join(GRIDS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if clean_end and path.t_min != path.t_clean:
+    ts = None
+    if not clean_end or path.t_min == path.t_clean:
+        ts = GRIDS[kind](path, steps + 1, **kwargs)
+        if clean_end and float(path.sigma(ts[-1:])[0]) > 0:  # the grid stops short of the clean t_min
+            ts = None
+    if ts is None:
         if steps == 1:
             ts = torch.tensor([path.t_max], dtype=torch.float64)
         else:
             ts = GRIDS[kind](path, steps, **kwargs)
         ts = torch.cat([ts, torch.tensor([path.t_clean], dtype=torch.float64)])
-    else:
-        ts = GRIDS[kind](path, steps + 1, **kwargs)
     if not bool((ts[1:] < ts[:-1]).all()):
         raise ValueError(f"time grid {kind!r} with {steps} steps on {path!r} repeats a time or is not decreasing: "
                          f"{ts.tolist()}")
