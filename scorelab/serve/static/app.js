@@ -50,10 +50,11 @@ function setStatus(id, text, bad = false) {
 }
 
 // --- the run list ----------------------------------------------------------------------
-function evalText(run) {
+function evalText(run, all = false) {
   const parts = [];
   const ev = run.eval || {};
-  for (const k of ["fid", "kid", "sliced_w2", "precision", "recall", "accuracy"]) if (k in ev) parts.push(`${k} ${fmt(ev[k])}`);
+  const keys = all ? Object.keys(ev) : ["fid", "kid", "sliced_w2", "accuracy"];
+  for (const k of keys) if (k in ev) parts.push(`${k} ${fmt(ev[k])}`);
   for (const [m, e] of Object.entries(run.nll || {})) if (e && typeof e === "object") parts.push(`${m} ${fmt(e.mean)} ${e.units || ""}`.trim());
   return parts.join(" · ");
 }
@@ -71,8 +72,8 @@ function renderRuns() {
       el("td", {}, el("span", { class: "name", text: run.name }), badge),
       el("td", { text: run.family || "?" }),
       el("td", { text: run.dataset || "" }),
-      el("td", { text: run.step === null || run.step === undefined ? "–" : `${run.step}${run.steps ? " / " + run.steps : ""}` }),
-      el("td", { class: "evals", text: evalText(run) }));
+      el("td", { class: "step", text: run.step === null || run.step === undefined ? "–" : `${run.step}${run.steps ? " / " + run.steps : ""}` }),
+      el("td", { class: "evals", text: evalText(run), title: evalText(run, true) }));
     tr.addEventListener("click", () => selectRun(run.name));
     body.append(tr);
   }
@@ -259,6 +260,7 @@ async function sample(ev) {
     if (e.name !== "AbortError") { setStatus("#sample-status", e.message, true); showError(e.message); }
   } finally {
     if (state.stream === ctrl) { state.stream = null; button.disabled = false; }
+    loadRuns(); // the header's job count
   }
 }
 function handleEvent(e, img, t0) {
@@ -403,7 +405,16 @@ async function refreshTraining(first = false) {
   }
 }
 
+// Pictures are shown enlarged (pixelated) to fit: at most 520 px wide and 62% of the window high.
+function fit(img) {
+  if (!img.naturalWidth) return;
+  const k = Math.max(1, Math.min(520 / img.naturalWidth, (0.62 * window.innerHeight) / img.naturalHeight));
+  img.style.width = `${Math.round(img.naturalWidth * k)}px`;
+  img.classList.add("fit");
+}
+
 // --- wiring ------------------------------------------------------------------------------
+for (const id of ["#sample-image", "#interp-image", "#trav-image"]) $(id).addEventListener("load", (e) => fit(e.target));
 $("#sample-form").addEventListener("submit", sample);
 $("#interp-form").addEventListener("submit", (e) => strip(e, "interpolate"));
 $("#trav-form").addEventListener("submit", (e) => strip(e, "traverse"));
