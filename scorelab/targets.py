@@ -19,7 +19,7 @@ path + kind) for what they need.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
 from typing import Callable, Protocol
 
 import torch
@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .paths import Coefficients, Path
 
-__all__ = ["KINDS", "PRECONDITIONINGS", "to_x0_eps", "from_x0_eps", "convert", "mse_factor", "Prediction", "Denoiser", "DenoiserLike"]
+__all__ = ["KINDS", "PRECONDITIONINGS", "to_x0_eps", "from_x0_eps", "convert", "mse_factor", "Prediction", "Denoiser", "DenoiserLike",
+           "register_times", "registered_time"]
 
 KINDS = ("eps", "x0", "v", "score", "velocity")
 
@@ -99,21 +100,199 @@ def mse_factor(kind: str, c: Coefficients) -> Tensor:
     }[kind]()
 
 
-@dataclass
 class Prediction:
-    """A denoiser's answer at ``(x_t, t)``: the estimates of ``x_0`` and ``eps``, each (B, ...)."""
+    """A denoiser's answer at ``(x_t, t)``: the estimates of ``x_0`` and ``eps``, each (B, ...).
 
-    x_t: Tensor
-    coefficients: Coefficients  # broadcast against x_t
-    x0: Tensor
-    eps: Tensor
+    ``Prediction(x_t, coefficients, x0, eps)`` holds given estimates (``coefficients`` broadcast
+    against ``x_t``). :meth:`of_kind` holds instead one network output ``value`` of a prediction
+    ``kind`` and converts it only when asked (``x0`` and ``eps`` are then ``to_x0_eps(value, kind,
+    x_t, c)``, computed on first access and kept), so a sampler that needs one linear combination
+    ``a x0 + b eps`` pays for it once (:meth:`terms`) instead of for both conversions and the sum.
+    """
+
+    __slots__ = ("x_t", "_c", "_x0", "_eps", "_value", "_kind", "_at", "_c64")
+
+    def __init__(self, x_t: Tensor, coefficients: Coefficients, x0: Tensor, eps: Tensor):
+        self.x_t, self._c, self._x0, self._eps = x_t, coefficients, x0, eps
+        self._value = self._kind = self._at = self._c64 = None
+
+    @classmethod
+    def of_kind(cls, x_t: Tensor, value: Tensor, kind: str, at, c64: tuple) -> "Prediction":
+        """The prediction whose ``kind`` is ``value`` at ``x_t``, converted lazily.
+
+        ``at.c0``: the coefficients at this time as 0-d tensors in the dtype of ``x_t`` (the
+        conversions then run exactly as ``to_x0_eps`` with broadcast ones); ``c64``: the same as
+        float64 Python floats ``(alpha, sigma, d_alpha, d_sigma)``, for :meth:`terms`.
+        """
+        p = cls.__new__(cls)
+        p.x_t, p._c, p._x0, p._eps = x_t, None, None, None
+        p._value, p._kind, p._at, p._c64 = value, kind, at, c64
+        if kind == "x0":
+            p._x0 = value
+        elif kind == "eps":
+            p._eps = value
+        return p
+
+    def _convert(self) -> None:
+        self._x0, self._eps = to_x0_eps(self._value, self._kind, self.x_t, self._at.c0)
+
+    @property
+    def x0(self) -> Tensor:
+        if self._x0 is None:
+            self._convert()
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        if self._eps is None:
+            self._convert()
+        return self._eps
+
+    @property
+    def coefficients(self) -> Coefficients:
+        """The path's coefficients at this time, broadcast against ``x_t``: fields (B, 1, ..., 1)."""
+        if self._c is None:
+            x, c0 = self.x_t, self._at.c0
+            shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+            self._c = Coefficients(*(v.to(x.device).expand(shape) for v in (c0.alpha, c0.sigma, c0.d_alpha, c0.d_sigma)))
+        return self._c
 
     def get(self, kind: str) -> Tensor:
-        return from_x0_eps(self.x0, self.eps, kind, self.coefficients)
+        return from_x0_eps(self.x0, self.eps, kind, self._at.c0 if self._c is None else self._c)
 
     @property
     def score(self) -> Tensor:
         return self.get("score")
+
+    def terms(self, a: float, b: float) -> list[tuple[float, Tensor]]:
+        """``a x0 + b eps`` as a list of ``(coefficient, tensor)`` pairs to be summed (Python floats).
+
+        For a lazy prediction of a network output ``u`` these are two terms in ``(x_t, u)``, from
+        the table's linear maps (e.g. eps: ``x0 = (x_t - sigma u) / alpha``, so ``a x0 + b eps =
+        (a / alpha) x_t + (b - a sigma / alpha) u``); otherwise ``[(a, x0), (b, eps)]``. Zero
+        coefficients are dropped.
+        """
+        if self._value is not None:
+            lin = _linear_map(self._kind, self._c64, a, b)
+            if lin is not None:
+                cx, cu = lin
+                return [(cx, self.x_t), (cu, self._value)]
+        out = []
+        if a != 0:
+            out.append((a, self.x0))
+        if b != 0:
+            out.append((b, self.eps))
+        return out
+
+
+def _linear_map(kind: str, c64: tuple, a: float, b: float) -> tuple[float, float] | None:
+    """``(p, q)`` with ``a x0 + b eps = p x_t + q u`` for a prediction ``u`` of ``kind``; None where a
+    coefficient divides by zero (alpha = 0 for eps / score, sigma = 0 for x0, ...)."""
+    al, si, da, ds = c64
+    try:
+        if kind == "eps":
+            return a / al, b - a * si / al
+        if kind == "x0":
+            return b / si, a - b * al / si
+        if kind == "v":
+            n = al * al + si * si
+            return (a * al + b * si) / n, (b * al - a * si) / n
+        if kind == "score":
+            return a / al, a * si * si / al - b * si
+        det = al * ds - si * da  # velocity
+        return (a * ds - b * da) / det, (b * al - a * si) / det
+    except ZeroDivisionError:
+        return None
+
+
+# Times a sampler registered in bulk (see :func:`register_times`): id(time tensor) -> _TimePoint; an
+# entry holds a weak reference to its tensor and leaves the table when the tensor is freed.
+_TIMES: dict[int, "_TimePoint"] = {}
+
+
+class _TimeTable:
+    """What every evaluation on one registered grid needs, made once for all its times.
+
+    ``c64``: per time ``(alpha, sigma, d_alpha, d_sigma)`` as float64 Python floats; ``cx``: the same
+    (N, 4) in the sampler's dtype (element for element what ``Coefficients.to(x)`` gives); the 0-d
+    coefficient tensors (:meth:`c0`) and the net's time inputs (:meth:`tau`) are made on first use.
+    ``memo``: other values a denoiser derives per time (its scalings), by key.
+    """
+
+    __slots__ = ("path", "dtype", "batch", "ts", "c64", "cx", "_c0", "_tau", "memo")
+
+    def __init__(self, path, ts, x, c):
+        self.path, self.dtype, self.batch, self.ts = path, x.dtype, x.shape[0], ts
+        c64 = torch.stack([c.alpha, c.sigma, c.d_alpha, c.d_sigma], 1).detach().cpu()  # (N, 4) float64
+        self.c64 = [tuple(r) for r in c64.tolist()]
+        self.cx = c64.to(x.dtype)
+        self._c0: dict[int, Coefficients] = {}
+        self._tau: dict = {}
+        self.memo: dict = {}
+
+    def c0(self, i: int) -> Coefficients:
+        c = self._c0.get(i)
+        if c is None:
+            c = self._c0[i] = Coefficients(*self.cx[i].unbind(0))
+        return c
+
+    def tau(self, dtype: torch.dtype, i: int) -> Tensor:
+        """``path.c_noise(t_i).to(dtype)`` of shape (B,), computed for the whole grid on first use."""
+        rows = self._tau.get(dtype)
+        if rows is None:
+            tau = self.path.c_noise(self.ts).to(dtype)  # (N,), elementwise as c_noise of each (B,) time
+            rows = self._tau[dtype] = tau[:, None].expand(len(tau), self.batch).contiguous().unbind(0)
+        return rows[i]
+
+
+class _TimePoint:
+    """One registered time tensor: its grid (:class:`_TimeTable`) and its index there."""
+
+    __slots__ = ("ref", "version", "table", "i")
+
+    def __init__(self, t: Tensor, table: _TimeTable, i: int):
+        key = id(t)
+        self.ref = weakref.ref(t, lambda _, key=key: _TIMES.pop(key, None))
+        self.version, self.table, self.i = t._version, table, i
+
+    @property
+    def c64(self) -> tuple:
+        return self.table.c64[self.i]
+
+    @property
+    def c0(self) -> Coefficients:
+        return self.table.c0(self.i)
+
+
+def register_times(path: Path, ts: Tensor, x: Tensor, c: Coefficients | None = None) -> list[Tensor]:
+    """The (B,) float64 time tensors of the grid ``ts: (N,)`` for ``x: (B, ...)``, with the path's
+    coefficients at each computed here in bulk, once.
+
+    A :class:`Denoiser` (or any denoiser that asks :func:`registered_time`) evaluated at one of
+    these tensors uses the stored coefficients instead of recomputing them; the values are the
+    same as ``path.coefficients(t).to(x)`` gives. Any other time tensor (or one changed in place)
+    goes the ordinary way. ``c``: ``path.coefficients(ts)`` if the caller has it already.
+    """
+    ts = ts.to(torch.float64)
+    c = path.coefficients(ts) if c is None else c
+    ts_dev = ts.to(x.device)
+    table = _TimeTable(path, ts_dev, x, c)
+    times = ts_dev[:, None].expand(len(ts), x.shape[0]).unbind(0)  # N views of shape (B,)
+    for i, t in enumerate(times):
+        _TIMES[id(t)] = _TimePoint(t, table, i)
+    return list(times)
+
+
+def registered_time(t: Tensor, path: Path, x: Tensor) -> _TimePoint | None:
+    """The stored :class:`_TimePoint` of ``t`` when :func:`register_times` made it for ``path`` and a
+    batch like ``x`` (same dtype and size) and it has not been changed in place since; else None."""
+    e = _TIMES.get(id(t))
+    if e is None or e.ref() is not t or e.version != t._version:
+        return None
+    tab = e.table
+    if tab.path is not path or tab.dtype != x.dtype or tab.batch != x.shape[0]:
+        return None
+    return e
 
 
 class DenoiserLike(Protocol):
@@ -126,6 +305,8 @@ class DenoiserLike(Protocol):
 
 def as_time_batch(t, x: Tensor) -> Tensor:
     """``t`` as a float64 tensor of shape (B,) for ``x: (B, ...)``."""
+    if isinstance(t, Tensor) and t.dtype is torch.float64 and t.ndim == 1 and t.device == x.device:
+        return t  # already one (what torch.as_tensor below would return as is)
     t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
@@ -222,10 +403,39 @@ class Denoiser:
         return c_skip * x + c_out * out
 
     def predict(self, x: Tensor, t, **cond) -> Prediction:
+        """``(x0, eps)`` at ``(x, t)``: ``to_x0_eps(self.raw(x, t), self.kind, x, c)``.
+
+        At a time a sampler registered (:func:`register_times`) the same values are computed from the
+        stored coefficients, the net's time input is made once per time, and the conversion is left
+        to the sampler's first use (:meth:`Prediction.of_kind`).
+        """
         t = as_time_batch(t, x)
-        c = self.path.coefficients(t).to(x)
-        x0, eps = to_x0_eps(self.raw(x, t, **cond), self.kind, x, c)
-        return Prediction(x, c, x0, eps)
+        e = registered_time(t, self.path, x)
+        if e is None:
+            c = self.path.coefficients(t).to(x)
+            x0, eps = to_x0_eps(self.raw(x, t, **cond), self.kind, x, c)
+            return Prediction(x, c, x0, eps)
+        dt = self.net_dtype or x.dtype
+        tab, i = e.table, e.i
+        tau = tab.tau(dt, i)  # path.c_noise(t).to(dt), as _net makes it
+        if self.precond != "none":
+            key = ("scalings", self.sigma_data, self.sigma_min, i)
+            sc = tab.memo.get(key)
+            if sc is None:  # the scalings of raw(), from the coefficients in x's dtype
+                sc = tab.memo[key] = tuple(float(v) for v in self.scalings(tab.c0(i)))
+            x_in = x * sc[0]
+        else:
+            x_in = x
+        x_in = x_in if x_in.dtype is dt else x_in.to(dt)
+        if self.autocast is None:
+            out = self.net(x_in, tau, **cond)
+        else:
+            with torch.autocast(x.device.type, dtype=self.autocast):
+                out = self.net(x_in, tau, **cond)
+        out = out if out.dtype is x.dtype else out.to(x.dtype)
+        if self.precond == "edm":
+            out = sc[1] * x + sc[2] * out  # c_skip x~ + c_out F: an x0 estimate
+        return Prediction.of_kind(x, out, self.kind, e, tab.c64[i])
 
     def __call__(self, x: Tensor, t, kind: str = "x0", **cond) -> Tensor:
         """The prediction of ``kind`` at ``(x, t)`` (the raw output when ``kind`` is the net's own)."""
