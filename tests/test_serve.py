@@ -33,6 +33,7 @@ pytest.importorskip("httpx", reason="starlette's TestClient needs httpx (the ser
 from starlette.testclient import TestClient
 
 from scorelab.cli import main
+from scorelab.families import FAMILIES
 from scorelab.serve import Limits, create_app
 from scorelab.serve.app import Jobs
 from scorelab.serve.store import ApiError, RunStore
@@ -53,6 +54,9 @@ TOY = {"name": "toy", "seed": 3, "data": {"name": "moons", "options": {"n": 256}
 SM = {"name": "sm", "data": {"name": "moons", "options": {"n": 256}},
       "model": {"family": "score_matching", "net_options": {"width": 16, "depth": 1}, "sampling_steps": 3},
       "train": {**TRAIN, "steps": 2, "batch_size": 32}}
+VAE = {"name": "vae", "data": {"name": "digits"},
+       "model": {"family": "vae", "latent_dim": 4, "net_options": {"channels": [8], "hidden": 16}},
+       "train": {**TRAIN, "steps": 2, "batch_size": 32}}
 BASE = "http://127.0.0.1"  # the TestClient's Host: the server answers loopback names only
 
 
@@ -61,7 +65,7 @@ def runs(tmp_path_factory):
     """DIR with the three tiny runs, a nested copy, eval files, a broken config and a staging folder."""
     root = tmp_path_factory.mktemp("serve")
     d = root / "runs"
-    for cfg in (IMG, TOY, SM):
+    for cfg in (IMG, TOY, SM) + ((VAE,) if "vae" in FAMILIES else ()):
         p = root / f"{cfg['name']}.yaml"
         p.write_text(yaml.safe_dump(cfg))
         assert main(["train", str(p), "--runs", str(d), "--no-progress"]) == 0, cfg["name"]
@@ -98,7 +102,8 @@ def test_run_list_shows_family_dataset_steps_status_and_eval_numbers(client):
     r = client.get("/api/runs")
     assert r.status_code == 200
     runs = {x["name"]: x for x in r.json()["runs"]}
-    assert set(runs) == {"img", "toy", "sm", "group/toy2", "live", "broken"}  # the staging folder is not a run
+    vae = {"vae"} if "vae" in FAMILIES else set()
+    assert set(runs) == {"img", "toy", "sm", "group/toy2", "live", "broken"} | vae  # the staging folder is not a run
     assert (runs["img"]["family"], runs["img"]["dataset"], runs["img"]["step"], runs["img"]["steps"]) == \
         ("diffusion", "fmnist-embedded", 2, 2)
     assert runs["sm"]["family"] == "score_matching" and runs["img"]["status"] == "done"
@@ -122,11 +127,27 @@ def test_controls_are_the_options_the_family_declares(client):
     assert sm["classes"] == [] and "interpolation" not in sm
 
 
+def test_a_vae_offers_temperature_and_draws_traversals(client):
+    if "vae" not in FAMILIES:
+        pytest.skip("the vae family is not registered in this checkout")
+    info = client.get("/api/run", params={"run": "vae"}).json()
+    assert [o["name"] for o in info["options"]] == ["temperature"] and info["capabilities"]["traverse"]
+    r = client.post("/api/traverse", json={"run": "vae", "dims": [0, 2], "n": 5, "range": 2.5, "scale": 1})
+    assert r.status_code == 200, r.text
+    c, h, w = info["data"]["shape"]
+    assert png_array(r.content).shape[:2] == (2 * (h + 2) + 2, 5 * (w + 2) + 2)  # one row per latent dimension
+    assert client.post("/api/sample", json={"run": "vae", "n": 4, "temperature": 0.5}).status_code == 200
+    bad = client.post("/api/traverse", json={"run": "vae", "index": 10**6})
+    assert bad.status_code == 400 and "'index'" in bad.json()["error"]
+    bad = client.post("/api/sample", json={"run": "vae", "n": 4, "steps": 3})
+    assert bad.status_code == 400 and "'steps' does not apply to vae runs (they take: temperature)" in bad.json()["error"]
+
+
 def test_a_gan_offers_truncation_and_no_sampler():
     """The option list is read from the family (no run needed: a GAN built from its config)."""
     from types import SimpleNamespace
 
-    from scorelab.families import FAMILIES, make_family
+    from scorelab.families import make_family
     from scorelab.serve.params import option_specs
 
     if "gan" not in FAMILIES:

@@ -17,7 +17,7 @@ from .common import UsageError
 
 def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="local web playground: sample from runs, watch training",
-                       description=__doc__.split(":", 1)[1].strip())
+                       description="A local web playground. " + __doc__.split(":", 1)[1].split("\n\n", 1)[1].strip())
     s.add_argument("--runs", default="runs", help="folder of run folders (default: runs)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only; "
                    "0.0.0.0 makes the runs reachable from other machines)")
