@@ -615,7 +615,8 @@ def test_the_page_in_headless_chromium(server, runs, tmp_path):
 
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a trainer holds while it trains
             d.find_element(By.CSS_SELECTOR, 'tr.run[data-run="live"]').click()
-            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'button[data-tab="training"]').get_attribute("class") == "active")
+            tab = 'button[data-tab="training"]'
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, tab).get_attribute("class") == "active")
             wait.until(lambda d: "checkpoint at step 4 / 4 · logged to step 4" in d.find_element(By.ID, "train-status").text)
             with open(live / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": 7, "loss": 0.125}) + "\n")
