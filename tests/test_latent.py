@@ -220,7 +220,7 @@ def test_scale_makes_the_training_latents_std_one():
     fam.training_step(mods, batch, _Ctx())
     s = fam.scale_of(mods)
     assert mods["latent"].measured and s > 0
-    mean_all, log_var_all = fam.autoencoder.encode(fam.ae_modules, to_model(x))
+    mean_all, log_var_all = fam.ae_family.encode(fam.ae_modules, to_model(x))
     z = fam.latents_of({"x": mean_all, "log_var": log_var_all}, torch.Generator().manual_seed(5)).double()
     m = (z - z.mean()).flatten(1).square().mean(1)  # (N,) per-image mean squares
     se = float(m.std() / (math.sqrt(B) * m.mean())) / 2
@@ -270,6 +270,24 @@ def test_cached_encoding_equals_on_the_fly_bit_for_bit():
         p2 = fly.prepare(b, {**fly.modules(), **fly.frozen()})
         assert torch.equal(p1["x"], p2["x"]) and torch.equal(p1["log_var"], p2["log_var"])
     assert int(cached._cache["filled"].sum()) <= 96
+
+
+def test_a_dit_works_on_latents_unchanged():
+    """Any net of the diffusion family: a DiT with 1x1 patches on the 7x7 latent grid, class-conditional."""
+    from scorelab.data import load_split
+
+    data = DataSpec((1, 28, 28), 10, True, None, "fmnist-embedded", "fmnist")
+    fam = LatentDiffusionFamily({"autoencoder": "ae", "net": "dit", "net_options": {"patch_size": 1, "hidden": 16, "depth": 1,
+                                 "heads": 2}, "path": "edm", "prediction": "x0", "preconditioning": "edm",
+                                 "sampler": "heun", "sampling_steps": 2, "grid": "karras"}, data, {"autoencoder": _tiny_ae_ref(data)})
+    assert fam.net.cfg.image_size == 7 and fam.preconditioning() == ("edm", 1.0)  # the scaled latents' sigma_data
+    mods = fam.modules()
+    ds = load_split("fmnist-embedded", "train")
+    b = {"x": torch.as_tensor(ds.images[:8]), "index": torch.arange(8), "y": torch.as_tensor(ds.labels[:8]).long()}
+    out = fam.training_step(mods, fam.prepare(b, {**mods, **fam.frozen()}), _Ctx())
+    assert math.isfinite(float(out["loss"]))
+    x = fam.sample(mods, 3, seed=0, y=torch.tensor([1, 2, 3]), cfg=1.0)
+    assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
 
 
 def test_refuses_an_autoencoder_of_another_shape_or_domain():

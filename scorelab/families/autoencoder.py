@@ -30,10 +30,11 @@ downloaded here; on 28x28 Fashion-MNIST the shipped domain classifier (the LeNet
 :func:`scorelab.metrics._default_classifier`) stands in: ``P(x, x^) = sum_l mean_{h,w} ||n(f_l(x)) -
 n(f_l(x^))||^2`` over its three convolution blocks ``f_l`` (32x14x14, 64x7x7, 128x3x3), ``n`` the
 unit-normalisation over channels (LPIPS without its learned channel weights). It costs one LeNet
-forward on 2B images and a backward through it (about +15 % per step with the default nets) and,
-because eval's rFID is measured in the same LeNet's features, it optimises a close relative of the
-metric that judges it: with it, rFID is no longer an independent measurement (the report of the
-run says so). Other data have no perceptual network: a ConfigError.
+forward on 2B images and a backward through it: +47 % CPU time per step with the fmnist-autoencoder
+nets after disc_start (0.38 -> 0.55 s per batch of 64, float32, one thread). Because eval's rFID
+is measured in the same LeNet's features, it optimises a close relative of the metric that judges
+it: with it, rFID is no longer an independent measurement (eval's output says so). Other data
+have no perceptual network: a ConfigError.
 
 **Eval** (:meth:`AutoencoderFamily.evaluate`): on the held-out images, the reconstructions
 ``Dec(mean(x))`` give the per-pixel L1 and MSE (model space ``[-1, 1]``), PSNR (uint8 values, peak

@@ -14,7 +14,7 @@ attention"): images ``(C, H, W)`` in ``[-1, 1]`` to a diagonal-Gaussian posterio
              GroupNorm, SiLU, conv3x3 -> 2 z_channels: posterior mean and log-variance
     decoder  conv3x3 z_channels -> c_{L-1}; middle ResBlock, Attention, ResBlock
              level i = L-1..0: (num_res_blocks + 1) x ResBlock(c_i) [+ Attention on i = L-1],
-                      then nearest upsampling x2 + conv3x3 (not on level 0)
+                      then nearest upsampling x2 + conv3x3 c_i -> c_{i-1} (not on level 0)
              GroupNorm, SiLU, conv3x3 -> C          <- ``last_layer``: the adaptive GAN weight is measured here
 
 ``ResBlock(x) = skip(x) + conv(SiLU(GN(conv(SiLU(GN(x))))))`` (no time input); Attention is the
@@ -23,8 +23,12 @@ The decoder's output is not squashed (as in LDM): reconstructions are clamped to
 when they become pictures. The log-variance is clamped to ``[-30, 20]`` (LDM's
 ``DiagonalGaussianDistribution``). H and W must be divisible by ``f``.
 
-Default (``AutoencoderNetConfig()``, 28x28x1 -> 7x7x4, f = 4): base 32, levels (1, 2, 2), one
-block per level, 0.98M parameters.
+Default (``AutoencoderNetConfig()``, 28x28x1 -> 7x7x4, f = 4): base 16, levels (1, 2, 4), one
+block per level (two in the decoder), 0.69M parameters. CPU time per image (one thread of the
+2-core AVX-512/AMX dev machine, batch 256): decode 1.27 ms in float32 / 0.62 ms under bfloat16
+autocast, encode 0.60 / 0.35 ms. The decoder runs once per latent-diffusion sample, which is why
+its full-resolution level is narrow (16 channels): at 32 channels it cost more than one NFE of
+the fmnist-rf U-Net.
 
 :class:`PatchDiscriminator` is the PatchGAN of pix2pix (Isola et al. 2017, ``NLayerDiscriminator``)
 as LDM uses it: one logit per overlapping patch, ``D(x): (B, 1, h, w)``. ``layers`` 4x4 stride-2
@@ -48,7 +52,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from .embeddings import _check
 from .gan import LEAKY_SLOPE
-from .unet import Attention, Downsample, Upsample, _norm
+from .unet import Attention, Downsample, _norm
 
 __all__ = ["AutoencoderNetConfig", "Autoencoder", "PatchDiscriminatorConfig", "PatchDiscriminator", "LOGVAR_RANGE"]
 
@@ -165,6 +169,20 @@ class Encoder(nn.Module):
         return self.head(self.mid(self.down(self.stem(x))))
 
 
+class Upsample(nn.Module):
+    """Nearest upsampling x2, then conv3x3 ``c_in -> c_out``: (B, c_in, h, w) -> (B, c_out, 2h, 2w).
+
+    The channel change happens in this convolution (LDM keeps ``c_in`` and changes channels in the
+    next block): at full resolution that halves the decoder's largest convolution."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
 class Decoder(nn.Module):
     """``z: (B, z_channels, H/f, W/f) -> (B, C, H, W)`` (not squashed)."""
 
@@ -178,13 +196,13 @@ class Decoder(nn.Module):
         self.levels = nn.ModuleList()
         for i in reversed(range(L)):
             blocks: list[nn.Module] = []
+            c = ch[i]  # the upsampling into this level already changed the channels
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResBlock(c, ch[i], g))
-                c = ch[i]
+                blocks.append(ResBlock(c, c, g))
                 if cfg.attention and i == L - 1:
                     blocks.append(_attention(c, g))
             self.levels.append(nn.Sequential(*blocks))
-        self.up = nn.ModuleList(Upsample(ch[i]) for i in reversed(range(1, L)))
+        self.up = nn.ModuleList(Upsample(ch[i], ch[i - 1]) for i in reversed(range(1, L)))
         self.head = nn.Sequential(_norm(c, g), nn.SiLU(), nn.Conv2d(c, cfg.in_channels, 3, padding=1))
 
     def forward(self, z: Tensor) -> Tensor:
@@ -192,7 +210,7 @@ class Decoder(nn.Module):
         for i, level in enumerate(self.levels):
             h = level(h)
             if i < len(self.up):
-                h = self.up[i](h, (2 * h.shape[-2], 2 * h.shape[-1]))
+                h = self.up[i](h)
         return self.head(h)
 
 
