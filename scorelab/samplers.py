@@ -931,8 +931,9 @@ def check_combination(path: Path, sampler: str, grid: str, **opts) -> str | None
                 "is not monotone in NFE; use 'heun_edm' (Heun in sigma/alpha) or a multistep sampler")
     if grid == "karras" and isinstance(path, SubVP):
         return "sub-VP reaches sigma/alpha = 1e-4 at t_min and the Karras grid spends most steps there"
-    if sampler == "heun_edm" and kind == "rf" and grid == "karras":
-        return "Heun's first step from alpha = 0 across the Karras grid's largest interval is inaccurate at small NFE"
+    if grid == "karras" and kind == "rf":
+        return ("the Karras grid is EDM's, for sigma-space solvers; on rectified flow it starts from alpha = 0 "
+                "(sigma/alpha infinite) and its first intervals are too large at small NFE; use 'logsnr_x0' or 'uniform'")
     return None
 
 

@@ -133,6 +133,15 @@ class Prediction:
             p._eps = value
         return p
 
+    @classmethod
+    def given(cls, x_t: Tensor, x0: Tensor, eps: Tensor, at) -> "Prediction":
+        """Given estimates ``x0, eps`` at a registered time ``at`` (its coefficients made only if asked)."""
+        p = cls.__new__(cls)
+        p.x_t, p._c, p._x0, p._eps = x_t, None, x0, eps
+        p._value = p._kind = p._c64 = None
+        p._at = at
+        return p
+
     def _convert(self) -> None:
         self._x0, self._eps = to_x0_eps(self._value, self._kind, self.x_t, self._at.c0)
 

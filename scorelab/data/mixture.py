@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..paths import Coefficients, Path, broadcast_to
 from ..random import Generator, rand, randn
-from ..targets import Prediction, as_time_batch
+from ..targets import Prediction, as_time_batch, registered_time
 
 __all__ = ["GaussianMixture", "ExactDenoiser", "eight_gaussians_mixture", "random_mixture"]
 
@@ -218,16 +218,21 @@ class GaussianMixture:
             return self._diagonal_uniform(x, *shared, posterior=False)[0]
         return self._components(x, alpha, sigma)[0]
 
-    def posterior(self, x: Tensor, alpha: Tensor, sigma: Tensor, log_prior: Tensor | None = None):
+    def posterior(self, x: Tensor, alpha: Tensor, sigma: Tensor, log_prior: Tensor | None = None,
+                  shared: tuple[float, float] | None = None):
         """``(x0_mean, eps_mean, responsibilities)`` of the noised marginal at ``x: (B, D)``.
 
         ``x0_mean = E[x_0 | x_t]``, ``eps_mean = E[eps | x_t]`` (so ``score = -eps_mean / sigma``),
         responsibilities ``p(k | x_t)``: (B, K). ``log_prior`` (B, K) replaces ``log w_k``
-        (used to condition on a class).
+        (used to condition on a class). ``shared``: the ``(alpha, sigma)`` every example has, if the
+        caller knows it (a sampler's step), which spares the check.
         """
         alpha, sigma = _batch(alpha, x), _batch(sigma, x)
         lw = torch.log(self.weights)[None] if log_prior is None else log_prior
-        shared = self._shared(alpha, sigma) if self._evecs is None else None
+        if self._evecs is not None:
+            shared = None
+        elif shared is None:
+            shared = self._shared(alpha, sigma)
         if shared is not None:  # isotropic / diagonal at one time: (B, D) x (D, K) products
             logn, means = self._diagonal_uniform(x, *shared, posterior=True)
             r = torch.softmax(logn + lw, dim=1)  # (B, K)
@@ -309,8 +314,14 @@ class ExactDenoiser:
     def predict(self, x: Tensor, t, y: Tensor | None = None, **_) -> Prediction:
         self.nfe += 1
         t = as_time_batch(t, x)
-        c = self.path.coefficients(t)
         log_prior = self._log_prior(x.shape[0], y)
+        e = registered_time(t, self.path, x)
+        if e is not None:  # a sampler's time: its coefficients are known, one (alpha, sigma) for the batch
+            a, s = e.c64[0], e.c64[1]
+            alpha, sigma = torch.full((x.shape[0],), a, dtype=_F), torch.full((x.shape[0],), s, dtype=_F)
+            x0, eps, _ = self.mixture.posterior(x.reshape(x.shape[0], -1), alpha, sigma, log_prior, shared=(a, s))
+            return Prediction.given(x, x0.reshape(x.shape).to(x.dtype), eps.reshape(x.shape).to(x.dtype), e)
+        c = self.path.coefficients(t)
         x0, eps, _ = self.mixture.posterior(x.reshape(x.shape[0], -1), c.alpha, c.sigma, log_prior)
         return Prediction(x, c.to(x), x0.reshape(x.shape).to(x.dtype), eps.reshape(x.shape).to(x.dtype))
 
