@@ -1,138 +1,180 @@
-"""Sampler accuracy against the exact answer: our samplers and diffusers' schedulers, NFE for NFE.
+"""Sampler accuracy against the exact answer: our samplers and diffusers' schedulers, NFE for NFE, on every path.
 
 Ground truth is a Gaussian mixture, whose denoiser ``E[x_0 | x_t]`` is exact
-(``GaussianMixture.denoiser(path)``), so every error in the table is the sampler's own
-discretisation error plus Monte Carlo noise. Everyone integrates the same forward process, the
-DDPM discrete path ``DDPMDiscrete(T=1000)`` (linear betas 1e-4 .. 0.02, diffusers' default), in
-float64 on CPU, from the same N(0, I) start noise ``z``.
+(``GaussianMixture.denoiser(path)``), so every error in the tables is the sampler's own
+discretisation error plus Monte Carlo noise. Everything runs in float64 on CPU from the same
+N(0, I) start noise ``z`` (scaled by each path's prior standard deviation).
 
-Mixtures: the 2-D eight Gaussians (``eight_gaussians_mixture()``, N = 10000 samples) and a 32-D
-random mixture (``random_mixture(32, K=8, seed=0)``, N = 5000).
+Paths: ``ddpm`` (``DDPMDiscrete`` built from diffusers' own float32 ``alphas_cumprod`` of the
+linear 1e-4 .. 0.02 table, T = 1000, so both integrate exactly the same path), ``vp``
+(``VPLinear``: diffusers runs on its table at t = (k + 1) / 1000), ``rf`` (``RectifiedFlow``),
+``ve`` (``VE(0.01, 50)``) and ``edm`` (``EDM()``, sigma in [0.002, 80]).
+
+Mixtures: the 2-D eight Gaussians (N = 10000), a 32-D random mixture with full covariances
+(``random_mixture(32, 8, seed=0)``, N = 5000) and a 64-D one with isotropic components
+(``random_mixture(64, 16, seed=1, full_cov=False)``, N = 5000).
 
 Metrics, each against one fixed set ``Y`` of N fresh true samples:
 
-* ``SW2``: sliced Wasserstein-2 (``scorelab.metrics.sliced_wasserstein``, fixed projections).
-  The Monte Carlo floor is the SW2 of R further independent true sets against ``Y``
-  (``floor = sqrt(mean SW2^2)``); a cell is starred when ``SW2 <= floor mean + 2 std``
-  (indistinguishable from exact sampling at this N). The error above the floor is
-  ``excess = sqrt(max(SW2^2 - floor^2, 0))`` (squared W2 of empirical measures is about the true
-  squared distance plus the sampling term).
-* ``LL gap``: ``mean log p(x_gen) - mean log p(Y)`` under the true density, signed (negative:
-  samples fall between modes or spread too wide; positive: collapsed onto the modes), with its
-  standard error ``sqrt(var_gen / N + var_Y / N)``.
-* Same noise, against the reference row's output ``x_ref`` (second table): ``SW2(x_gen, x_ref)``
-  and the paired LL gap ``mean(log p(x_gen) - log p(x_ref))``. Every deterministic sampler maps
-  the same ``z``, so the Monte Carlo noise largely cancels and what is left is the
-  discretisation error, resolved far below the floor (in 2-D the SW2 floor is dominated by the
-  binomial noise of the mode weights, ~ N^(-1/4)). The JSON also holds ``rms_ref``, the RMS
-  distance ``|x_gen - x_ref|`` per sample (the error of the flow map itself).
-
-The summary compares the best deterministic row of ours with the best of diffusers at each NFE
-under each criterion (SW2 above the floor, |LL gap|, SW2 to ref) and lists our ODE rows that
-are still outside the floor at the largest NFE.
+* ``SW2``: sliced Wasserstein-2 (``scorelab.metrics.sliced_wasserstein``, fixed projections). The
+  Monte Carlo floor is the SW2 of R further independent true sets against ``Y``
+  (``floor = sqrt(mean SW2^2)``); the error above it is ``excess = sqrt(max(SW2^2 - floor^2, 0))``.
+* ``ref``: SW2 between the row's output and the reference output from the same start noise
+  (``unipc`` on ``logsnr_x0`` with 1000 steps): the discretisation error itself, paired, far
+  below the floor's resolution. When the reference itself lies outside the floor band (in 2-D
+  the SW2 to ``Y`` is dominated by the binomial noise of the mode weights of this one draw of
+  ``z``, so every deterministic row shares the draw's luck), SW2 to ``Y`` cannot resolve the
+  rows and the target is judged on ``ref`` instead; the summary says which.
+* ``LL``: ``mean log p(x_gen) - mean log p(Y)`` under the true density, signed (negative: mass
+  between modes or too wide; positive: collapsed onto the modes).
 
 Rows:
 
-* ours: ``sampler/grid`` for every sampler of ``scorelab.samplers.SAMPLERS`` among ddim, euler,
-  heun, dpmpp_2m, dpmpp_3m, unipc (ODE) and ancestral, euler_maruyama (stochastic, marked ``~``),
-  on the time grids uniform, logsnr and karras. ``steps = (NFE - 1) // nfe_per_step + 1`` grid
-  steps (the last step, onto the clean time, costs one evaluation), so Heun uses 5, 9, 19, 49.
-* diffusers (if installed): DDIM, DPM-Solver++(2M), Euler, Heun and UniPC (bh2) as configured
-  by default for a DDPM model (``beta_schedule="linear"``, 1000 train steps, epsilon
-  prediction; DDIM with ``clip_sample=False`` since the data are not in [-1, 1]), plus the
-  Karras-sigmas / trailing-spacing variants, driven by the diffusers pipeline loop with an
-  epsilon model ``eps = exact(x, t, kind="eps")`` evaluated at the scheduler's timestep
-  (fractional timesteps interpolate log alphabar). NFE counts model calls (Heun: 2n - 1).
-* ref: ``dpmpp_2m/logsnr`` with 1000 steps (discretisation error far below the floor).
+* ours: ``sampler/grid`` for the ODE samplers ddim, euler, heun, heun_edm, dpmpp_2m, dpmpp_3m,
+  unipc on the grids uniform, logsnr, logsnr_x0, karras (and shift on rectified flow), and the
+  stochastic ancestral, euler_maruyama (``~``) on logsnr_x0; ``steps_for_nfe`` grid steps (the
+  NFE column is the NFE spent: ``count_nfe``, checked against the denoiser's counter). ``!`` marks
+  a combination ``check_combination`` warns about. ``default``: ``default_sampler(path)``.
+* diffusers (if installed), its schedulers as configured by default for each kind of model, the
+  exact model evaluated at the noise level the scheduler integrates at: DDPM / VP (epsilon
+  model): DDIM, DPM-Solver++(2M) (diffusers' default), Euler, Heun, UniPC-bh2, and the Karras
+  variants; rectified flow (flow model, ``use_flow_sigmas``): DPM-Solver++(2M) (the default),
+  UniPC, FlowMatchEuler, FlowMatchHeun; VE / EDM (EDM preconditioning): EDM-DPM-Solver++(2M)
+  (the default) and EDM-Euler, with the path's sigma range. Heun calls the model 2n - 1 times.
 
-Usage (2 cores shared: one torch thread is the default and usually fastest)::
+Each (mixture, path) gets one table (cells ``excess ref LL`` per NFE, and ``mono``: is the error
+non-increasing in NFE -- deterministic rows: ``ref`` rises by at most half a floor standard
+deviation and |LL vs ref| by at most 2 standard errors between consecutive NFEs; stochastic
+rows: ``SW2`` by at most 2 floor standard deviations), then a summary: the default row against
+diffusers' default and against diffusers' best (error ratios at each NFE), the best of ours
+against the best of diffusers, the |LL gap| comparison, the rows outside the floor at the
+largest NFE, and the non-monotone rows. The last summary collects the target lines of all.
 
-    .venv/bin/python benchmarks/samplers.py            # full run (NFE 5 10 20 50), 5-8 min
-    .venv/bin/python benchmarks/samplers.py --quick    # small N, NFE 5 10, ~20-40 s
-    .venv/bin/python benchmarks/samplers.py --n 4000 --seed 1 --out /tmp/s.json
+Usage (2 cores shared: one torch thread)::
 
-Prints one table per mixture and a summary (best of ours vs best of diffusers at each NFE) and
-writes JSON (default ``benchmarks/results/samplers.json``).
+    .venv/bin/python benchmarks/samplers.py                 # full run, NFE 5 10 20 50
+    .venv/bin/python benchmarks/samplers.py --quick         # small N, NFE 5 10, three paths
+    .venv/bin/python benchmarks/samplers.py --only 2d --paths ddpm rf --nfe 10 20
+
+Writes JSON with the machine record (``benchmarks/results/samplers.json``, ``common.write_json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
-import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, write_json  # noqa: E402
 from scorelab.data.mixture import GaussianMixture, eight_gaussians_mixture, random_mixture  # noqa: E402
 from scorelab.metrics import sliced_wasserstein  # noqa: E402
-from scorelab.paths import DDPMDiscrete  # noqa: E402
+from scorelab.paths import EDM, VE, DDPMDiscrete, RectifiedFlow, VPLinear, time_grid  # noqa: E402
 from scorelab.random import randn  # noqa: E402
-from scorelab.samplers import SAMPLERS, nfe_per_step, sample  # noqa: E402
+from scorelab.samplers import (SAMPLERS, check_combination, count_nfe, default_sampler,  # noqa: E402
+                               steps_for_nfe)
 
-RESULTS = Path(__file__).resolve().parent / "results" / "samplers.json"
 SAMPLERS_FILE = Path(__file__).resolve().parents[1] / "scorelab" / "samplers.py"  # hashed into the JSON
 F64 = torch.float64
 
-ODE_SAMPLERS = [s for s in ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc") if s in SAMPLERS]
-SDE_SAMPLERS = [s for s in ("ancestral", "euler_maruyama") if s in SAMPLERS]
-GRIDS = ("uniform", "logsnr", "karras")
-REFERENCE = ("dpmpp_2m", "logsnr")  # sampler, grid of the many-step reference row
+ODE_SAMPLERS = ["ddim", "euler", "heun", "heun_edm", "dpmpp_2m", "dpmpp_3m", "unipc"]
+SDE_SAMPLERS = ["ancestral", "euler_maruyama"]
+GRIDS = ["uniform", "logsnr", "logsnr_x0", "karras"]
+REFERENCE = ("unipc", "logsnr_x0")  # sampler, grid of the many-step reference row
 
-# diffusers variants: label -> (class name, config overrides on top of the DDPM defaults)
 DDPM_CONFIG = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                    prediction_type="epsilon")
+# label -> (class name, config overrides); the first entry of each kind is diffusers' default
 DIFFUSERS = {
-    "DDIM": ("DDIMScheduler", dict(clip_sample=False)),  # default spacing "leading"
-    "DDIM/trailing": ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing")),
-    "DPM++2M": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
-    "DPM++2M/karras": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2,
-                                                           use_karras_sigmas=True)),
-    "Euler": ("EulerDiscreteScheduler", dict()),
-    "Euler/karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
-    "Heun": ("HeunDiscreteScheduler", dict()),
-    "Heun/karras": ("HeunDiscreteScheduler", dict(use_karras_sigmas=True)),
-    "UniPC": ("UniPCMultistepScheduler", dict(solver_type="bh2")),
-    "UniPC/karras": ("UniPCMultistepScheduler", dict(solver_type="bh2", use_karras_sigmas=True)),
+    "vp": {
+        "DPM++2M": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+        "DPM++2M/karras": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2,
+                                                               use_karras_sigmas=True)),
+        "DDIM": ("DDIMScheduler", dict(clip_sample=False)),
+        "Euler": ("EulerDiscreteScheduler", dict()),
+        "Euler/karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
+        "Heun": ("HeunDiscreteScheduler", dict()),
+        "UniPC": ("UniPCMultistepScheduler", dict(solver_type="bh2")),
+        "UniPC/karras": ("UniPCMultistepScheduler", dict(solver_type="bh2", use_karras_sigmas=True)),
+    },
+    "rf": {
+        "DPM++2M/flow": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2,
+                                                             use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                             flow_shift=1.0)),
+        "UniPC/flow": ("UniPCMultistepScheduler", dict(solver_type="bh2", use_flow_sigmas=True,
+                                                       prediction_type="flow_prediction", flow_shift=1.0)),
+        "FlowMatchEuler": ("FlowMatchEulerDiscreteScheduler", dict()),
+        "FlowMatchHeun": ("FlowMatchHeunDiscreteScheduler", dict()),
+    },
+    "ve": {
+        "EDM-DPM++2M": ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+        "EDM-Euler": ("EDMEulerScheduler", dict()),
+    },
 }
+
+
+def make_paths(names, have_diffusers: bool) -> dict:
+    out = {}
+    for n in names:
+        if n == "ddpm":
+            if have_diffusers:
+                import diffusers
+
+                ab = diffusers.DDPMScheduler(**{k: v for k, v in DDPM_CONFIG.items()}).alphas_cumprod.to(F64)
+                out[n] = DDPMDiscrete(alphas_cumprod=ab)
+            else:
+                out[n] = DDPMDiscrete(T=1000)
+        elif n == "vp":
+            out[n] = VPLinear()
+        elif n == "rf":
+            out[n] = RectifiedFlow()
+        elif n == "ve":
+            out[n] = VE(sigma_min=0.01, sigma_max=50.0)
+        elif n == "edm":
+            out[n] = EDM()
+        else:
+            raise ValueError(f"unknown benchmark path {n!r}")
+    return out
+
+
+def path_kind(name: str) -> str:
+    return {"ddpm": "vp", "vp": "vp", "rf": "rf", "ve": "ve", "edm": "ve"}[name]
 
 
 @dataclass
 class Row:
     """One sampler run: which sampler, its cost and its errors."""
 
-    label: str  # "sampler/grid" (ours), scheduler variant (diffusers) or "sampler/grid xN" (reference)
-    family: str  # "ours" | "diffusers" | "reference"
+    label: str  # "sampler/grid" (ours), "default", scheduler variant (diffusers) or the reference
+    family: str  # "ours" | "default" | "diffusers" | "reference"
     nfe_budget: int  # the NFE column this run belongs to
     nfe: int  # denoiser evaluations actually made
     steps: int  # grid steps (ours) or num_inference_steps (diffusers)
     stochastic: bool
+    warned: bool  # check_combination warns about it
     seconds: float
-    sw2: float = math.inf  # SW2 to the true set Y
-    excess: float = math.inf  # sqrt(max(sw2^2 - floor^2, 0))
-    within_floor: bool = False  # sw2 <= floor mean + 2 std (independent-set band)
-    ll_gap: float = -math.inf  # mean log p(gen) - mean log p(Y)
-    ll_se: float = math.nan  # its standard error
-    sw2_ref: float = math.nan  # SW2 to the reference row's output from the same start noise
-    rms_ref: float = math.nan  # sqrt(mean |x_i - x_ref_i|^2): flow-map error (ODE rows)
-    ll_gap_ref: float = math.nan  # mean log p(gen) - mean log p(x_ref), paired
-    ll_se_ref: float = math.nan  # paired standard error std(log p(gen) - log p(x_ref)) / sqrt(N)
-    resolved: bool = False  # deterministic row whose distance to the reference is below the MC resolution
+    sw2: float = math.inf
+    excess: float = math.inf
+    within_floor: bool = False
+    ll_gap: float = -math.inf
+    ll_se: float = math.nan
+    sw2_ref: float = math.nan
+    rms_ref: float = math.nan
+    ll_gap_ref: float = math.nan
+    ll_se_ref: float = math.nan
 
 
 class SlicedW2:
     """``metrics.sliced_wasserstein(x, y, n_proj, Generator().manual_seed(seed))`` for equal-size sets,
-    with the sorted projections of the fixed sets (Y, x_ref) computed once.
-
-    ``theta: (D, n_proj)`` unit directions drawn exactly as ``sliced_wasserstein`` draws them;
-    ``SW2 = sqrt(mean over directions and quantiles of (sort(x theta) - sort(y theta))^2)``.
-    """
+    with the sorted projections of the fixed sets (Y, x_ref) computed once."""
 
     def __init__(self, dim: int, n_proj: int, seed: int):
         theta = randn((dim, n_proj), generator=torch.Generator().manual_seed(seed), dtype=F64)
@@ -140,7 +182,6 @@ class SlicedW2:
         self.n_proj, self.seed = n_proj, seed
 
     def sorted_projections(self, x: torch.Tensor) -> torch.Tensor:
-        """(P, N): each direction's sorted projections (rows contiguous: sorting is faster)."""
         return torch.sort((x.to(F64) @ self.theta).T.contiguous(), dim=1).values
 
     @staticmethod
@@ -148,7 +189,6 @@ class SlicedW2:
         return float((px - py).pow(2).mean().sqrt())
 
     def check(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Agreement with ``scorelab.metrics.sliced_wasserstein`` (guards against drift of either)."""
         ours = self.distance(self.sorted_projections(x), self.sorted_projections(y))
         lib = float(sliced_wasserstein(x, y, self.n_proj, generator=torch.Generator().manual_seed(self.seed)))
         if not math.isclose(ours, lib, rel_tol=1e-9, abs_tol=1e-12):
@@ -157,108 +197,137 @@ class SlicedW2:
 
 @dataclass
 class Problem:
-    """A mixture with its fixed true set Y, projections, Monte Carlo floor and reference output."""
+    """A mixture with its fixed true set Y, projections and Monte Carlo floor."""
 
     name: str
     mixture: GaussianMixture
-    n: int  # samples per set
-    proj_seed: int  # seed of the SW2 directions (the same for every row)
-    n_proj: int  # number of SW2 directions
-    floor: float = math.nan  # sqrt(mean SW2^2) of independent true sets against Y
+    n: int
+    proj_seed: int
+    n_proj: int
+    floor: float = math.nan
     floor_mean: float = math.nan
     floor_std: float = math.nan
-    floor_ll_gap: float = math.nan  # LL gap of one independent true set
-    floor_ll_se: float = math.nan
     floor_samples: list = field(default_factory=list)
 
     def setup(self, seed: int, reps: int) -> None:
-        """Draw Y and ``reps`` independent true sets to measure the floor."""
         self.sw = SlicedW2(self.mixture.dim, self.n_proj, self.proj_seed)
         gen = torch.Generator().manual_seed(seed)
-        self.y = self.mixture.sample(self.n, gen)  # (N, D) true samples
-        self.lp_y = self.mixture.log_prob(self.y)  # (N,)
+        self.y = self.mixture.sample(self.n, gen)
+        self.lp_y = self.mixture.log_prob(self.y)
         self.py = self.sw.sorted_projections(self.y)
-        self.x_ref = self.lp_xref = self.pxref = None
         vals = []
         for r in range(reps):
             y2 = self.mixture.sample(self.n, gen)
             vals.append(self.sw.distance(self.sw.sorted_projections(y2), self.py))
             if r == 0:
                 self.sw.check(y2, self.y)
-                self.floor_ll_gap, self.floor_ll_se = self.ll_gap(self.mixture.log_prob(y2))
         v = torch.tensor(vals, dtype=F64)
         self.floor_samples = vals
         self.floor = float(v.pow(2).mean().sqrt())
         self.floor_mean, self.floor_std = float(v.mean()), float(v.std()) if reps > 1 else 0.0
-
-    def ll_gap(self, lp: torch.Tensor) -> tuple[float, float]:
-        """``mean lp - mean log p(Y)`` and its standard error, for ``lp = log p(x_gen): (N,)``."""
-        gap = lp.mean() - self.lp_y.mean()
-        se = (lp.var() / lp.numel() + self.lp_y.var() / self.lp_y.numel()).sqrt()
-        return float(gap), float(se)
+        self.x_ref = None
 
     def set_reference(self, x: torch.Tensor) -> None:
         self.x_ref, self.lp_xref, self.pxref = x, self.mixture.log_prob(x), self.sw.sorted_projections(x)
 
-    def row(self, x, label, family, nfe_budget, nfe, steps, stochastic, seconds) -> Row:
-        r = Row(label, family, nfe_budget, nfe, steps, stochastic, seconds)
+    def row(self, x, label, family, nfe_budget, nfe, steps, stochastic, warned, seconds) -> Row:
+        r = Row(label, family, nfe_budget, nfe, steps, stochastic, warned, seconds)
         if not torch.isfinite(x).all():
-            return r  # diverged: infinite errors
+            return r
         px, lp = self.sw.sorted_projections(x), self.mixture.log_prob(x)
         r.sw2 = self.sw.distance(px, self.py)
         r.excess = math.sqrt(max(r.sw2**2 - self.floor**2, 0.0))
         r.within_floor = r.sw2 <= self.floor_mean + 2 * self.floor_std
-        r.ll_gap, r.ll_se = self.ll_gap(lp)
+        r.ll_gap = float(lp.mean() - self.lp_y.mean())
+        r.ll_se = float((lp.var() / lp.numel() + self.lp_y.var() / self.lp_y.numel()).sqrt())
         if self.x_ref is not None:
             r.sw2_ref = self.sw.distance(px, self.pxref)
             r.rms_ref = float((x - self.x_ref).pow(2).sum(1).mean().sqrt())
             d = lp - self.lp_xref
             r.ll_gap_ref, r.ll_se_ref = float(d.mean()), float(d.std() / math.sqrt(d.numel()))
-            # below the MC resolution: SW2 cannot move by more than sw2_ref (triangle inequality)
-            r.resolved = (not stochastic) and r.sw2_ref <= 2 * self.floor_std and abs(r.ll_gap_ref) <= 2 * r.ll_se
         return r
 
 
 # --------------------------------------------------------------------------------------
 # Runners
 # --------------------------------------------------------------------------------------
-def steps_for(name: str, nfe: int) -> int:
-    """Grid steps of our sampler ``name`` that spend at most ``nfe`` evaluations (last step costs 1)."""
-    return (nfe - 1) // nfe_per_step(name) + 1
-
-
-def run_ours(problem: Problem, path, z, name: str, grid: str, steps: int, seed: int):
+def run_ours(problem: Problem, path, z, name: str, grid: str, steps: int, seed: int, opts=None):
     den = problem.mixture.denoiser(path)
     gen = torch.Generator().manual_seed(seed + 1)  # only stochastic samplers draw from it
+    ts = time_grid(path, steps, grid)
     t0 = time.perf_counter()
-    x = sample(den, z.clone(), steps, sampler=name, grid=grid, generator=gen)
-    return x, den.nfe, time.perf_counter() - t0
+    with torch.no_grad():
+        x = SAMPLERS[name](den, z.clone() * path.prior_std, ts, generator=gen, **(opts or {}))
+    sec = time.perf_counter() - t0
+    if den.nfe != count_nfe(name, steps, **(opts or {})):
+        raise RuntimeError(f"{name}/{grid}: spent {den.nfe} NFE, count_nfe says {count_nfe(name, steps)}")
+    return x, den.nfe, sec
 
 
-def make_scheduler(label: str):
+def make_scheduler(kind: str, label: str, path):
     import diffusers
 
-    cls_name, overrides = DIFFUSERS[label]
-    return getattr(diffusers, cls_name)(**DDPM_CONFIG, **overrides)
+    cls_name, overrides = DIFFUSERS[kind][label]
+    cls = getattr(diffusers, cls_name)
+    if kind == "vp":
+        cfg = dict(DDPM_CONFIG)
+        if isinstance(path, VPLinear):  # the continuous VP path on the grid t = (k + 1) / T
+            t = torch.arange(1, 1001, dtype=F64) / 1000
+            ab = path.alpha(t) ** 2
+            betas = 1 - ab / torch.cat([torch.ones(1, dtype=F64), ab[:-1]])
+            cfg = {k: v for k, v in cfg.items() if k not in ("beta_start", "beta_end", "beta_schedule")}
+            cfg["trained_betas"] = betas.numpy()
+        return cls(**cfg, **overrides)
+    if kind == "rf":
+        return cls(num_train_timesteps=1000, **overrides)
+    sig = (path.sigma_min, path.sigma_max)
+    return cls(sigma_min=sig[0], sigma_max=sig[1], sigma_data=0.5, **overrides)
 
 
-def diffusers_steps(label: str, nfe: int) -> int:
+def diffusers_steps(kind: str, label: str, nfe: int) -> int:
     """num_inference_steps within an NFE budget: Heun calls the model 2n - 1 times, the others n."""
-    return (nfe + 1) // 2 if DIFFUSERS[label][0] == "HeunDiscreteScheduler" else nfe
+    return (nfe + 1) // 2 if "Heun" in DIFFUSERS[kind][label][0] else nfe
 
 
-def run_diffusers(problem: Problem, path, z, label: str, steps: int):
-    """The diffusers pipeline loop with an exact epsilon model on the DDPM path (t in its units)."""
+def _our_time(path, name: str, sigma: float) -> float:
+    """Our time at the scheduler's noise level (``sigma/alpha`` for VP / DDPM, ``t`` for flows, sigma for EDM / VE)."""
+    if name in ("ddpm", "vp"):
+        return float(path.t_from_log_snr(torch.tensor(-2 * math.log(sigma), dtype=F64)))
+    if name == "ve":
+        return math.log(sigma / path.sigma_min) / math.log(path.sigma_max / path.sigma_min)
+    return sigma  # rf: t = sigma; edm: t = sigma
+
+
+def run_diffusers(problem: Problem, name: str, path, z, label: str, steps: int):
+    """The diffusers pipeline loop with the exact model of the right kind, at the scheduler's noise level."""
+    kind = path_kind(name)
     den = problem.mixture.denoiser(path)
-    sched = make_scheduler(label)
+    sched = make_scheduler(kind, label, path)
     sched.set_timesteps(steps)
+    B = z.shape[0]
     t0 = time.perf_counter()
-    latents = z.clone() * sched.init_noise_sigma
-    for t in sched.timesteps:
-        inp = sched.scale_model_input(latents, t)
-        tt = torch.full((inp.shape[0],), float(t), dtype=F64)
-        eps = den(inp.to(F64), tt, kind="eps").to(latents.dtype)
-        latents = sched.step(eps, t, latents).prev_sample
+    latents = z.clone() * float(getattr(sched, "init_noise_sigma", 1.0))
+    for i, t in enumerate(sched.timesteps):
+        inp = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
+        idx = sched.step_index if getattr(sched, "step_index", None) is not None else 0
+        if label == "DDIM":  # integer timesteps on its alphas_cumprod table
+            ab = float(sched.alphas_cumprod[int(t)])
+            tt = _our_time(path, name, math.sqrt((1 - ab) / ab))
+        elif label.startswith("FlowMatch"):
+            tt = float(t) / 1000.0
+        else:
+            tt = _our_time(path, name, float(sched.sigmas[idx]))
+        tb = torch.full((B,), tt, dtype=F64)
+        if kind == "vp":
+            out = den(inp.to(F64), tb, kind="eps")
+        elif kind == "rf":
+            out = den(inp.to(F64), tb, kind="velocity")
+        else:  # EDM preconditioning: c_skip x + c_out F = x0_hat on the unscaled sample
+            s, sd = float(sched.sigmas[idx]), sched.config.sigma_data
+            c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / math.sqrt(s**2 + sd**2)
+            x0 = den(latents.to(F64), tb, kind="x0")
+            out = (x0 - c_skip * latents) / c_out
+        latents = sched.step(out.to(latents.dtype), t, latents).prev_sample
     return latents, den.nfe, time.perf_counter() - t0
 
 
@@ -273,202 +342,204 @@ def have_diffusers() -> str | None:
         return None
 
 
-def run_problem(problem: Problem, nfes, args, use_diffusers: bool) -> list[Row]:
-    path = DDPMDiscrete(T=1000)
-    problem.setup(args.seed + 100, args.floor_reps)
+def run_problem(problem: Problem, name: str, path, nfes, args, use_diffusers: bool) -> list[Row]:
     z = torch.randn(problem.n, problem.mixture.dim, generator=torch.Generator().manual_seed(args.seed), dtype=F64)
+    kind = path_kind(name)
     rows: list[Row] = []
 
     def log(r: Row):
         rows.append(r)
-        print(f"  [{problem.name}] {r.label:<26} NFE {r.nfe:>4}  SW2 {r.sw2:.4f}  LL gap {r.ll_gap:+.4f}"
-              f"  ({r.seconds:.1f}s)", file=sys.stderr, flush=True)
+        print(f"  [{problem.name} {name}] {r.label:<24} NFE {r.nfe:>4}  SW2 {r.sw2:.4f}  ref {r.sw2_ref:.4f}  "
+              f"LL {r.ll_gap:+.3f}  ({r.seconds:.1f}s)", file=sys.stderr, flush=True)
 
-    name, grid = REFERENCE
-    x, nfe, sec = run_ours(problem, path, z, name, grid, args.ref_steps, args.seed)
-    log(problem.row(x, f"{name}/{grid} x{args.ref_steps}", "reference", args.ref_steps, nfe, args.ref_steps,
-                    False, sec))
+    s_name, s_grid = REFERENCE
+    x, nfe, sec = run_ours(problem, path, z, s_name, s_grid, args.ref_steps, args.seed)
+    log(problem.row(x, f"{s_name}/{s_grid} x{args.ref_steps}", "reference", args.ref_steps, nfe, args.ref_steps,
+                    False, False, sec))
     problem.set_reference(x)
+    grids = GRIDS + (["shift"] if kind == "rf" else [])
+    d = default_sampler(path)
     for budget in nfes:
-        for name in ODE_SAMPLERS + SDE_SAMPLERS:
-            steps = steps_for(name, budget)
-            for grid in GRIDS:
-                x, nfe, sec = run_ours(problem, path, z, name, grid, steps, args.seed)
-                log(problem.row(x, f"{name}/{grid}", "ours", budget, nfe, steps, name in SDE_SAMPLERS, sec))
+        st = steps_for_nfe(d["sampler"], budget, **d["options"])
+        x, nfe, sec = run_ours(problem, path, z, d["sampler"], d["grid"], st, args.seed, d["options"])
+        log(problem.row(x, "default", "default", budget, nfe, st, False, False, sec))
+        for s in ODE_SAMPLERS + SDE_SAMPLERS:
+            for grid in (grids if s in ODE_SAMPLERS else ["logsnr_x0"]):
+                if s in SDE_SAMPLERS and kind == "rf":
+                    continue  # the reverse SDE is singular at alpha = 0 (t = 1)
+                st = steps_for_nfe(s, budget)
+                warned = check_combination(path, s, grid) is not None
+                x, nfe, sec = run_ours(problem, path, z, s, grid, st, args.seed)
+                log(problem.row(x, f"{s}/{grid}", "ours", budget, nfe, st, s in SDE_SAMPLERS, warned, sec))
         if use_diffusers:
-            for label in DIFFUSERS:
-                steps = diffusers_steps(label, budget)
-                x, nfe, sec = run_diffusers(problem, path, z, label, steps)
-                log(problem.row(x, label, "diffusers", budget, nfe, steps, False, sec))
+            for label in DIFFUSERS[kind]:
+                st = diffusers_steps(kind, label, budget)
+                x, nfe, sec = run_diffusers(problem, name, path, z, label, st)
+                log(problem.row(x, label, "diffusers", budget, nfe, st, False, False, sec))
     return rows
 
 
 # --------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------
-def _cell_true(r: Row) -> str:
+def monotone(rows: list[Row], problem: Problem) -> bool:
+    """Is the row's error non-increasing in NFE (within the resolution; see the module docstring)?"""
+    rs = sorted(rows, key=lambda r: r.nfe_budget)
+    for a, b in zip(rs, rs[1:]):
+        if not math.isfinite(b.sw2):
+            return False
+        if a.stochastic:
+            if b.sw2 > a.sw2 + 2 * problem.floor_std:
+                return False
+        elif b.sw2_ref > a.sw2_ref + 0.5 * problem.floor_std or \
+                abs(b.ll_gap_ref) > abs(a.ll_gap_ref) + 2 * max(b.ll_se_ref, 1e-12):
+            return False
+    return True
+
+
+def _cell(r: Row) -> str:
     if not math.isfinite(r.sw2):
         return "diverged"
-    return f"{r.sw2:.4f}{'*' if r.within_floor else ' '} {r.ll_gap:+.3f}"
+    return f"{r.excess:.4f} {r.sw2_ref:.4f} {r.ll_gap:+7.2f}"
 
 
-def _cell_ref(r: Row) -> str:
-    if not math.isfinite(r.sw2_ref):
-        return "diverged"
-    return f"{r.sw2_ref:.4f}{'*' if r.resolved else ' '} {r.ll_gap_ref:+.3f}"
-
-
-def _grid_table(rows: list[Row], nfes, cell, cw: int = 18) -> list[str]:
-    """Rows = sampler label (ours, then diffusers), columns = NFE budgets."""
-    by = {(r.label, r.nfe_budget): r for r in rows if r.family != "reference"}
+def table(problem: Problem, name: str, rows: list[Row], nfes) -> tuple[str, dict]:
+    ref = next(r for r in rows if r.family == "reference")
     labels = list(dict.fromkeys(r.label for r in rows if r.family != "reference"))
-    w = max(len(s) for s in labels + ["sampler"]) + 3
-    head = " sampler".ljust(w) + "".join(f"NFE {n}".ljust(cw) for n in nfes)
-    out = [head, "-" * len(head)]
-    family = None
+    by = {(r.label, r.nfe_budget): r for r in rows if r.family != "reference"}
+    mono = {lab: monotone([by[(lab, n)] for n in nfes if (lab, n) in by], problem) for lab in labels}
+    w = max(len(s) for s in labels) + 3
+    cw = 25
+    out = [f"== {problem.name}, path {name}: N = {problem.n}; MC floor SW2 {problem.floor:.4f} (mean {problem.floor_mean:.4f} "
+           f"+- {problem.floor_std:.4f}); reference {ref.label}: SW2 {ref.sw2:.4f}{' (within floor)' if ref.within_floor else ' (OUTSIDE the floor band: judge by ref)'}, "
+           f"LL {ref.ll_gap:+.3f}",
+           "cell = excess above floor, SW2 to ref, LL gap;  ! warned combination, ~ stochastic",
+           " sampler".ljust(w) + "".join(f"NFE {n}".ljust(cw) for n in nfes) + "mono"]
+    out.append("-" * len(out[-1]))
+    fam = None
     for lab in labels:
         first = next(by[(lab, n)] for n in nfes if (lab, n) in by)
-        if family is not None and first.family != family:
-            out.append("-" * len(head))
-        family = first.family
-        name = ("~" if first.stochastic else " ") + lab
-        out.append(name.ljust(w) + "".join((cell(by[(lab, n)]) if (lab, n) in by else "-").ljust(cw) for n in nfes))
-    return out
+        if fam is not None and first.family != fam:
+            out.append("-" * len(out[2]))
+        fam = first.family
+        mark = "~" if first.stochastic else ("!" if first.warned else " ")
+        out.append((mark + lab).ljust(w) + "".join((_cell(by[(lab, n)]) if (lab, n) in by else "-").ljust(cw) for n in nfes)
+                   + ("ok" if mono[lab] else "NO"))
+    return "\n".join(out), mono
 
 
-def table(problem: Problem, rows: list[Row], nfes) -> str:
-    """The two per-mixture tables: against the true distribution, and against the reference row."""
-    ref = next((r for r in rows if r.family == "reference"), None)
-    out = [f"== {problem.name}: N = {problem.n}, {problem.n_proj} projections",
-           f"   MC floor: SW2 = {problem.floor:.4f} (mean {problem.floor_mean:.4f} +- {problem.floor_std:.4f} over "
-           f"{len(problem.floor_samples)} independent true sets; '*' = within floor: SW2 <= "
-           f"{problem.floor_mean + 2 * problem.floor_std:.4f})",
-           f"   LL gap of an independent true set: {problem.floor_ll_gap:+.4f} (se {problem.floor_ll_se:.4f})"]
-    if ref is not None:
-        out.append(f"   reference {ref.label} (NFE {ref.nfe}): SW2 {ref.sw2:.4f}{'*' if ref.within_floor else ''}  "
-                   f"LL gap {ref.ll_gap:+.4f} (se {ref.ll_se:.4f})")
-        if not ref.within_floor:
-            out.append("   NOTE: the reference itself is outside the SW2 band: this start-noise draw is an unlucky one "
-                       "(mode weights), and every deterministic row shares it; judge those rows by the second table.")
-    out += ["", "cell = SW2 to fresh true samples ['*' within floor], LL gap = mean log p(gen) - mean log p(true)"]
-    out += _grid_table(rows, nfes, _cell_true)
-    if ref is not None:
-        out += ["", f"same start noise, against the reference output: cell = SW2(gen, ref), LL gap vs ref (paired);",
-                f"'*' = discretisation error below the MC resolution: SW2(gen, ref) <= 2 floor std = "
-                f"{2 * problem.floor_std:.4f} and |LL gap vs ref| <= 2 se of the LL gap"]
-        out += _grid_table(rows, nfes, _cell_ref)
-    out.append("(~ stochastic: not coupled to the reference; ours heun and diffusers Heun spend 2n-1 NFE: 5, 9, 19, 49)")
-    return "\n".join(out)
+def _err(r: Row, use_ref: bool) -> float:
+    return r.sw2_ref if use_ref else r.excess
 
 
-def _best(rows: list[Row], family: str, budget: int, key) -> Row | None:
-    """Best deterministic row of ``family`` at an NFE budget (stochastic rows are not coupled to the noise)."""
-    cand = [r for r in rows if r.family == family and r.nfe_budget == budget and not r.stochastic
-            and math.isfinite(key(r))]
-    return min(cand, key=key) if cand else None
-
-
-CRITERIA = {
-    # name: (key to minimise, error above the floor used for the ratio, format)
-    "SW2": (lambda r: r.sw2, lambda r: r.excess),
-    "|LL gap|": (lambda r: abs(r.ll_gap), lambda r: abs(r.ll_gap)),
-    "SW2 to ref": (lambda r: r.sw2_ref, lambda r: r.sw2_ref),
-}
-
-
-def summary(problem: Problem, rows: list[Row], nfes, use_diffusers: bool) -> tuple[str, list[dict]]:
-    """Best of ours vs best of diffusers (deterministic rows) per NFE, for each criterion."""
-    out = [f"== summary {problem.name}: best deterministic row per NFE; ratio = ours / diffusers of the error above "
-           f"the floor",
-           f"   (SW2: excess = sqrt(SW2^2 - floor^2), floor {problem.floor:.4f}; |LL gap|: itself; SW2 to ref: itself)"]
-    head = f"{'criterion':<11}{'NFE':>4}  {'best ours':<20}{'value':>9}{'error':>9}   {'best diffusers':<16}{'value':>9}" \
-           f"{'error':>9}{'ratio':>8}"
-    out += [head, "-" * len(head)]
+def summary(problem: Problem, name: str, rows: list[Row], nfes, mono: dict, use_diffusers: bool) -> tuple[str, list[dict]]:
+    ref = next(r for r in rows if r.family == "reference")
+    use_ref = not ref.within_floor
+    metric = "SW2 to ref" if use_ref else "SW2 excess above floor"
+    out = [f"-- summary {problem.name}, {name} (error = {metric})"]
     data = []
-    for crit, (key, err) in CRITERIA.items():
-        for n in nfes:
-            o = _best(rows, "ours", n, key)
-            d = _best(rows, "diffusers", n, key) if use_diffusers else None
-            if o is None:
-                continue
-            ratio = math.nan
-            if d is not None:
-                ratio = err(o) / err(d) if err(d) > 0 else (0.0 if err(o) == 0 else math.inf)
-            line = f"{crit:<11}{n:>4}  {o.label:<20}{key(o):>9.4f}{err(o):>9.4f}   "
-            if d is not None:
-                line += f"{d.label:<16}{key(d):>9.4f}{err(d):>9.4f}{ratio:>8.2f}"
-            out.append(line)
-            data.append(dict(criterion=crit, nfe=n, ours=o.label, ours_value=key(o), ours_error=err(o),
-                             diffusers=d.label if d else None, diffusers_value=key(d) if d else None,
-                             diffusers_error=err(d) if d else None, ratio=ratio))
+    for n in nfes:
+        dflt = next((r for r in rows if r.family == "default" and r.nfe_budget == n), None)
+        diff = [r for r in rows if r.family == "diffusers" and r.nfe_budget == n and math.isfinite(r.sw2)]
+        ours = [r for r in rows if r.family in ("ours", "default") and r.nfe_budget == n and not r.stochastic
+                and not r.warned and math.isfinite(r.sw2)]
+        dd = diff[0] if diff else None  # diffusers' default is the first of its kind
+        db = min(diff, key=lambda r: _err(r, use_ref)) if diff else None
+        ob = min(ours, key=lambda r: _err(r, use_ref)) if ours else None
+        item = dict(problem=problem.name, path=name, nfe=n, metric=metric, default=_err(dflt, use_ref),
+                    default_ll=dflt.ll_gap, best_ours=ob.label if ob else None, best_ours_err=_err(ob, use_ref) if ob else None)
+        line = f"NFE {n:>3}: default {_err(dflt, use_ref):.4f} (LL {dflt.ll_gap:+.2f})"
+        if dd is not None:
+            r1 = _err(dflt, use_ref) / _err(dd, use_ref) if _err(dd, use_ref) > 0 else math.inf
+            r2 = _err(dflt, use_ref) / _err(db, use_ref) if _err(db, use_ref) > 0 else math.inf
+            rb = _err(ob, use_ref) / _err(db, use_ref) if _err(db, use_ref) > 0 else math.inf
+            item.update(diffusers_default=dd.label, diffusers_default_err=_err(dd, use_ref), diffusers_default_ll=dd.ll_gap,
+                        diffusers_best=db.label, diffusers_best_err=_err(db, use_ref), ratio_default=r1, ratio_best=r2,
+                        ratio_best_vs_best=rb, ll_ok=abs(dflt.ll_gap) <= abs(dd.ll_gap) + 2 * dflt.ll_se)
+            line += (f" | diffusers {dd.label} {_err(dd, use_ref):.4f} (LL {dd.ll_gap:+.2f}) -> ratio {r1:.2f} | "
+                     f"diffusers best {db.label} {_err(db, use_ref):.4f} -> ratio {r2:.2f} | best ours {ob.label} "
+                     f"{_err(ob, use_ref):.4f} / best diffusers -> {rb:.2f} | |LL| default <= diffusers': "
+                     f"{'yes' if item['ll_ok'] else 'NO'}")
+        out.append(line)
+        data.append(item)
     top = max(nfes)
-    ode = [r for r in rows if r.family == "ours" and r.nfe_budget == top and not r.stochastic]
-    bad_sw = [r.label for r in ode if not r.within_floor]
-    bad_ll = [f"{r.label} ({r.ll_gap:+.3f}+-{r.ll_se:.3f})" for r in ode if abs(r.ll_gap) > 2 * r.ll_se]
-    worst = max(ode, key=lambda r: r.sw2_ref) if ode else None
-    out.append(f"NFE {top}, our ODE rows outside the floor by SW2: {', '.join(bad_sw) or 'none'}")
-    out.append(f"NFE {top}, our ODE rows with |LL gap| > 2 se: {', '.join(bad_ll) or 'none'}")
-    bad_ref = [f"{r.label} ({r.sw2_ref:.4f}, {r.ll_gap_ref:+.3f})" for r in ode if not r.resolved]
-    out.append(f"NFE {top}, our ODE rows not resolved against the reference (SW2 to ref, LL gap vs ref): "
-               f"{', '.join(bad_ref) or 'none'}")
-    if worst is not None and math.isfinite(worst.sw2_ref):
-        out.append(f"NFE {top}, largest SW2 to ref among our ODE rows: {worst.label} {worst.sw2_ref:.4f} "
-                   f"(MC floor {problem.floor:.4f})")
+    ode = [r for r in rows if r.family in ("ours", "default") and r.nfe_budget == top and not r.stochastic]
+    outside = [r.label for r in ode if not r.within_floor and (not use_ref or r.sw2_ref > 2 * problem.floor_std)]
+    out.append(f"NFE {top}: our ODE rows outside the floor: {', '.join(outside) or 'none'}"
+               + (" (2-D: by SW2 to ref > 2 floor std)" if use_ref else ""))
+    bad = [lab for lab, ok in mono.items() if not ok]
+    warned = {r.label for r in rows if r.warned}
+    out.append(f"non-monotone in NFE: {', '.join(b + (' (warned)' if b in warned else '') for b in bad) or 'none'}")
     return "\n".join(out), data
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small N, NFE 5 10, short reference: a ~1 min demo")
-    ap.add_argument("--n", type=int, default=None, help="samples per mixture (default 10000 in 2-D, 5000 in 32-D)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the start noise, reference sets and SDE noise")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    ap.add_argument("--quick", action="store_true", help="small N, NFE 5 10, paths ddpm rf edm: a few-minute demo")
+    ap.add_argument("--n", type=int, default=None, help="samples per mixture (default 10000 in 2-D, 5000 above)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the start noise, true sets and SDE noise")
     ap.add_argument("--nfe", type=int, nargs="+", default=None, help="NFE budgets (default 5 10 20 50)")
     ap.add_argument("--ref-steps", type=int, default=None, help="steps of the reference row (default 1000)")
     ap.add_argument("--floor-reps", type=int, default=None, help="independent true sets for the floor (default 8)")
-    ap.add_argument("--only", choices=["2d", "32d"], default=None, help="run one mixture only")
+    ap.add_argument("--only", nargs="+", choices=["2d", "32d", "64d"], default=None, help="mixtures to run")
+    ap.add_argument("--paths", nargs="+", choices=["ddpm", "vp", "rf", "ve", "edm"], default=None, help="paths to run")
     ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers even if installed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared; at most 2)")
+    ap.add_argument("--out", default="samplers.json", help="JSON file name under benchmarks/results/")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(args.threads, 2)))
+    warnings.simplefilter("ignore")  # the warned combinations are run on purpose and marked '!'
+    machine = header("sampler accuracy: exact mixture denoisers, ours vs diffusers")
     nfes = args.nfe or ([5, 10] if args.quick else [5, 10, 20, 50])
-    args.ref_steps = args.ref_steps or (200 if args.quick else 1000)
+    args.ref_steps = args.ref_steps or (300 if args.quick else 1000)
     args.floor_reps = args.floor_reps or (4 if args.quick else 8)
-    n2, n32 = (args.n, args.n) if args.n else ((2000, 1000) if args.quick else (10000, 5000))
-    problems = []
-    if args.only in (None, "2d"):
-        problems.append(Problem("8 Gaussians 2-D", eight_gaussians_mixture(), n2, args.seed + 7, 256))
-    if args.only in (None, "32d"):
-        problems.append(Problem("random mixture 32-D (K=8, seed 0)", random_mixture(32, 8, seed=0), n32,
-                                args.seed + 7, 256))
+    n2, nh = (args.n, args.n) if args.n else ((3000, 1500) if args.quick else (10000, 5000))
+    which = args.only or ["2d", "32d", "64d"]
+    names = args.paths or (["ddpm", "rf", "edm"] if args.quick else ["ddpm", "vp", "rf", "ve", "edm"])
     dver = None if args.no_diffusers else have_diffusers()
-    print(f"ours: ODE {ODE_SAMPLERS}, stochastic {SDE_SAMPLERS}, grids {list(GRIDS)}; "
-          f"diffusers: {dver or 'not used'}; NFE {nfes}", file=sys.stderr)
-
+    print(f"diffusers: {dver or 'not used'}; NFE {nfes}; paths {names}; mixtures {which}", flush=True)
+    problems = []
+    if "2d" in which:
+        problems.append(Problem("8 Gaussians 2-D", eight_gaussians_mixture(), n2, args.seed + 7, 256))
+    if "32d" in which:
+        problems.append(Problem("random 32-D (K=8, full cov)", random_mixture(32, 8, seed=0), nh, args.seed + 7, 256))
+    if "64d" in which:
+        problems.append(Problem("random 64-D (K=16, isotropic)", random_mixture(64, 16, seed=1, full_cov=False), nh,
+                                args.seed + 7, 256))
+    paths = make_paths(names, dver is not None)
     t_start = time.perf_counter()
-    results, texts = [], []
+    results, texts, targets = [], [], []
     for p in problems:
-        rows = run_problem(p, nfes, args, dver is not None)
-        tab = table(p, rows, nfes)
-        summ, sdata = summary(p, rows, nfes, dver is not None)
-        texts += [tab, summ]
-        results.append(dict(name=p.name, n=p.n, dim=p.mixture.dim, K=p.mixture.K, n_proj=p.n_proj,
-                            floor=p.floor, floor_mean=p.floor_mean, floor_std=p.floor_std,
-                            floor_samples=p.floor_samples, floor_ll_gap=p.floor_ll_gap, floor_ll_se=p.floor_ll_se,
-                            rows=[asdict(r) for r in rows], summary=sdata))
+        p.setup(args.seed + 100, args.floor_reps)
+        for name, path in paths.items():
+            rows = run_problem(p, name, path, nfes, args, dver is not None)
+            tab, mono = table(p, name, rows, nfes)
+            summ, sdata = summary(p, name, rows, nfes, mono, dver is not None)
+            print(tab + "\n" + summ + "\n", flush=True)
+            texts += [tab, summ]
+            targets += sdata
+            results.append(dict(problem=p.name, path=name, path_repr=repr(path), n=p.n, dim=p.mixture.dim, K=p.mixture.K,
+                                floor=p.floor, floor_mean=p.floor_mean, floor_std=p.floor_std, floor_samples=p.floor_samples,
+                                rows=[asdict(r) for r in rows], monotone=mono, summary=sdata))
     runtime = time.perf_counter() - t_start
-    print("\n\n".join(texts))
+    d0 = default_sampler(VPLinear())
+    print(f"== targets at NFE 10 (default {d0['sampler']}/{d0['grid']}): error ratio to diffusers' default (<= 0.5) and "
+          f"best (<= 0.7); |LL gap| <= diffusers' default at every NFE")
+    for t in targets:
+        if t["nfe"] == 10 and "ratio_default" in t:
+            ok = t["ratio_default"] <= 0.5 and t["ratio_best"] <= 0.7
+            print(f"  {t['problem']:<32} {t['path']:<5} {t['metric']:<22} vs default {t['ratio_default']:.2f}  vs best "
+                  f"{t['ratio_best']:.2f} ({t['diffusers_best']})  {'met' if ok else 'NOT met'}")
+    ll_bad = [f"{t['problem']} {t['path']} NFE {t['nfe']} ({t['default_ll']:+.2f} vs {t['diffusers_default_ll']:+.2f})"
+              for t in targets if "ll_ok" in t and not t["ll_ok"]]
+    print(f"  |LL gap| worse than diffusers' default: {', '.join(ll_bad) or 'nowhere'}")
     print(f"\ntotal {runtime:.0f} s")
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), runtime_s=runtime, nfe=nfes,
-                seed=args.seed, ref_steps=args.ref_steps, floor_reps=args.floor_reps, path=repr(DDPMDiscrete(T=1000)),
-                samplers_py_sha256=hashlib.sha256(SAMPLERS_FILE.read_bytes()).hexdigest()[:16],
-                torch=torch.__version__, diffusers=dver, threads=torch.get_num_threads(),
-                python=platform.python_version(), machine=platform.machine(),
-                diffusers_configs={k: dict(cls=v[0], **DDPM_CONFIG, **v[1]) for k, v in DIFFUSERS.items()})
-    args.out.write_text(json.dumps(dict(meta=meta, problems=results), indent=1, default=float))
-    print(f"wrote {args.out}")
+    meta = dict(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), runtime_s=runtime, nfe=nfes, seed=args.seed,
+                ref_steps=args.ref_steps, floor_reps=args.floor_reps, paths={k: repr(v) for k, v in paths.items()},
+                samplers_py_sha256=hashlib.sha256(SAMPLERS_FILE.read_bytes()).hexdigest()[:16], torch=torch.__version__,
+                diffusers=dver, threads=torch.get_num_threads(), default=d0,
+                diffusers_configs={k: {lab: dict(cls=v[0], **v[1]) for lab, v in d.items()} for k, d in DIFFUSERS.items()})
+    write_json(args.out, dict(meta=meta, problems=results, targets=targets), machine)
     return 0
 
 
