@@ -655,6 +655,12 @@ class Trainer:
                                         "another name") from None
                 raise StorageError("create folder", final, e) from None
             fsync_folder(parent)
+        except StorageError as e:  # name the run's file, not the staging folder's
+            self._unlock()
+            shutil.rmtree(stage, ignore_errors=True)
+            self.saved_step = None
+            name = final / Path(e.filename).relative_to(stage) if str(e.filename).startswith(str(stage)) else e.filename
+            raise StorageError(e.action, name, e, note="no run folder was created") from None
         except BaseException:
             self._unlock()
             shutil.rmtree(stage, ignore_errors=True)
