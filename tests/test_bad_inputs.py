@@ -128,6 +128,30 @@ def _pickle_checkpoint(ctx):
     return str(d)
 
 
+def _pickle_bytes(ctx) -> bytes:
+    import pickle
+
+    class Bait:
+        def __reduce__(self):
+            return (open, (str(ctx.tmp / "PWNED"), "w"))
+
+    return pickle.dumps({"x": Bait()})
+
+
+def _idx_pickles(ctx) -> list[str]:
+    root = ctx.tmp / "mnist"
+    root.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (root / name).write_bytes(_pickle_bytes(ctx))
+    return ctx.train(cfg={**BASE, "data": {"name": "mnist", "options": {"root": str(root)}}, "model": {**BASE["model"], **IMG_NET}})
+
+
+def _npz_pickle(ctx) -> list[str]:
+    p = ctx.tmp / "d.npz"
+    p.write_bytes(_pickle_bytes(ctx))
+    return ctx.train(cfg={**BASE, "data": {"name": "npz", "options": {"path": str(p)}}, "model": {**BASE["model"], **IMG_NET}})
+
+
 def _torch_save_checkpoint(ctx):
     d = ctx.copy()
     torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, d / "checkpoint.safetensors")
@@ -278,6 +302,12 @@ CASES = [
     ("resume truncated", lambda c: ["train", "--resume", _truncated(c)], "corrupt"),
     ("resume pickle", lambda c: ["train", "--resume", _pickle_checkpoint(c)], "corrupt or not a scorelab checkpoint"),
     ("resume torch.save zip", lambda c: ["train", "--resume", _torch_save_checkpoint(c)], "corrupt or not a scorelab"),
+    ("classifier pickle", lambda c: ["sample", R(c), "--class", "0", "--classifier", _pickle_checkpoint(c)],
+     "corrupt or not a scorelab checkpoint"),
+    ("eval pickle", lambda c: ["eval", _pickle_checkpoint(c)], "corrupt or not a scorelab checkpoint"),
+    ("interpolate pickle", lambda c: ["interpolate", _pickle_checkpoint(c)], "corrupt or not a scorelab checkpoint"),
+    ("idx files are pickles", _idx_pickles, "not an idx file"),
+    ("npz is a pickle", _npz_pickle, "not a readable npz"),
     ("resume moment shape", lambda c: ["train", "--resume", c.damaged(_set("opt.main.0.exp_avg", lambda v: torch.zeros(3, 3)))],
      "has shape (3, 3)"),
     ("resume moment dtype", lambda c: ["train", "--resume", c.damaged(_set("opt.main.0.exp_avg_sq", lambda v: v.double()))],

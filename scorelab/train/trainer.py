@@ -956,7 +956,7 @@ class Trainer:
         if save_at_end and self.saved_step != self.step:
             self.save()
         if on_sample is not None:
-            if status == "interrupted":
+            if status == "interrupted" or self._should_stop():  # a signal after the last step: done, but no picture
                 print("interrupted: checkpoint saved; the final sample grid is skipped (scorelab sample draws one)", file=sys.stderr)
             else:
                 on_sample(self)
