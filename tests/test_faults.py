@@ -151,8 +151,9 @@ def straight(tmp_path_factory):
     for fam in ("diffusion", "two_step"):
         d = tmp_path_factory.mktemp(f"straight-{fam}") / "run"
         states = {3: {}, 8: {}}
+        hooks = [snapshot_at(s, st) for s, st in states.items()]
         tr = make(TOY, d, family=fam)
-        with hook(lambda e, t: [snapshot_at(s, states[s])(e, t) for s in states]):
+        with hook(lambda e, t, hooks=hooks: [h(e, t) for h in hooks]):
             assert tr.fit()["status"] == "done"
         out[fam] = {"final": tensors(d / "checkpoint.safetensors"), **states}
     return out
@@ -384,9 +385,9 @@ def test_a_persisting_explosion_stops_after_the_patience(tmp_path):
     real = tr._optimize
     tr._optimize = lambda loss, name: real(loss * (1e8 if tr.step >= 6 else 1.0), name)
     good = {}
-    with hook(lambda ev, t: good.update(sha=sha(d / "checkpoint.safetensors")) if ev == "saved" and t.step else None):
-        with pytest.raises(DivergedError) as e:
-            tr.fit()
+    keep = lambda ev, t: good.update(sha=sha(d / "checkpoint.safetensors")) if ev == "saved" and t.step else None
+    with hook(keep), pytest.raises(DivergedError) as e:
+        tr.fit()
     msg = str(e.value)
     assert msg.startswith("step 12: loss ") and "more than 1000x its running median" in msg and "for 6 steps" in msg
     assert "the checkpoint at step 5 is kept" in msg  # the one at step 10 waited

@@ -396,7 +396,7 @@ class Trainer:
             self._probe(None)
         except TrainingError:
             raise
-        except Exception as e:  # noqa: BLE001 - any failure of the first step is reported in one line
+        except Exception as e:  # any failure of the first step is reported in one line
             msg = _first_line(e)
             kind = "images" if self.x.ndim == 4 else "points"
             hint = ""
@@ -932,7 +932,7 @@ class Trainer:
             raise (e if e.note else e.with_note(self._kept())) from None
         except OSError as e:
             raise StorageError("write", e.filename or self.run_dir, e, note=self._kept()) from None
-        except Exception as e:  # noqa: BLE001 - an error inside a step: one line, the folder stays resumable
+        except Exception as e:  # an error inside a step: one line, the folder stays resumable
             if self.tc.detect_anomaly and isinstance(e, RuntimeError) and "nan" in str(e).lower():
                 raise DivergedError(f"step {self.step + 1}: autograd anomaly (train.detect_anomaly): {_first_line(e)}; "
                                     f"{self._kept()}") from e
