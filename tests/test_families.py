@@ -146,6 +146,11 @@ TINY = {
     "gan": ({"name": "8gaussians", "options": {"n": 256}}, {"generator": "mlp", "discriminator": "mlp"}),
     "vae": ({"name": "digits"}, {"latent_dim": 8, "net_options": {"channels": [8], "hidden": 16}}),
     "pixelcnn": ({"name": "digits"}, {"net_options": {"channels": 4, "layers": 1, "kernel_size": 3}}),
+    # students: "@diffusion" is the folder of the tiny diffusion run above (trained first)
+    "progressive": ({"name": "8gaussians", "options": {"n": 256}}, {"teacher": "@diffusion", "start_steps": 4, "final_steps": 2}),
+    "consistency": ({"name": "8gaussians", "options": {"n": 256}}, {"teacher": "@diffusion", "n_steps": 4, "solver": "ddim"}),
+    "consistency_training": ({"name": "8gaussians", "options": {"n": 256}},
+                             {"net": "mlp", "net_options": {"width": 16, "depth": 1}, "n_start": 2}),
 }
 
 # a value for every family-specific flag of `scorelab sample` that needs no other context
@@ -160,6 +165,7 @@ def tiny_runs(tmp_path_factory):
     assert not missing, f"add a tiny config for family {missing} to TINY in tests/test_families.py"
     out = {}
     for name, (data, model) in TINY.items():
+        model = {k: str(out[v[1:]]) if isinstance(v, str) and v.startswith("@") else v for k, v in model.items()}
         cfg = {"name": name, "data": data, "model": {"family": name, **model},
                "train": {"steps": 2, "batch_size": 32, "log_every": 1, "ckpt_every": 0, "sample_every": 0,
                          "device": "cpu", "threads": 1, "precision": "fp32"}}
