@@ -22,7 +22,9 @@ moments, both random-generator states) after every step. Then, each trial in its
   when the kernel allows it, else a per-file size limit, RLIMIT_FSIZE): at start-up, during a
   periodic save, during the save on SIGTERM, and for ``eval``'s JSON and ``sample``'s PNG / npz:
   one line each, no traceback, no temporary left, the checkpoint intact; after space is freed the
-  resume ends bit-identical.
+  resume ends bit-identical. In the namespace a **read-only run folder** (a read-only bind mount)
+  is also tried with ``train --resume``, ``eval`` and ``sample``: one line naming the cause, the
+  folder unchanged.
 
 After a kill or a signal the trial resumes (``train --resume``; a fresh ``train`` if no run folder
 exists yet: a kill during start-up) until the run finishes, then checks: the final checkpoint
@@ -178,7 +180,7 @@ class Reference:
         self.dir = work / "straight"
         snap = work / "straight-states.safetensors"
         t0 = time.perf_counter()
-        code, out, err = run_cmd({"snapshot": str(snap)}, train_argv(work, self.dir))
+        code, _, err = run_cmd({"snapshot": str(snap)}, train_argv(work, self.dir))
         self.seconds = time.perf_counter() - t0
         if code != 0:
             raise SystemExit(f"the straight run failed ({code}): {err[-2000:]}")
@@ -204,7 +206,7 @@ def finish(work: Path, runs: Path, log: list) -> tuple[bool, int]:
         if _step(run / "checkpoint.safetensors") == CONFIG["train"]["steps"]:
             return True, attempt - 1
         argv = ["train", "--resume", str(run), "--no-progress"] if run.is_dir() else train_argv(work, runs)
-        code, out, err = run_cmd({}, argv)
+        code, _, err = run_cmd({}, argv)
         log.append(err)
         if code == 0:
             return True, attempt
@@ -217,7 +219,7 @@ def verdict(ref: Reference, runs: Path, stderrs: list, *, killed: bool) -> dict:
     rows = metric_rows(run)
     steps = [r["step"] for r in rows]
     no_dup = steps == sorted(set(steps))
-    rows_ok = rows == ref.rows if killed else (no_dup and set(r["step"] for r in ref.rows) <= set(steps))
+    rows_ok = rows == ref.rows if killed else (no_dup and {r["step"] for r in ref.rows} <= set(steps))
     return {"final_identical": final_ok, "no_temporaries": not temporaries(runs), "temporaries": temporaries(runs),
             "no_duplicate_rows": no_dup, "metrics_ok": rows_ok,
             "no_traceback": not any("Traceback" in e for e in stderrs)}
@@ -266,7 +268,7 @@ def signal_trial(ref: Reference, work: Path, i: int, rng: random.Random, sig: in
         time.sleep(rng.uniform(0, 0.05))
         if p.poll() is None:
             p.send_signal(signal.SIGINT if sig == signal.SIGTERM else signal.SIGTERM)
-    out, err = p.communicate(timeout=TIMEOUT)
+    _, err = p.communicate(timeout=TIMEOUT)
     code = p.returncode
     stderrs = [err]
     exact, step = None, None
@@ -353,9 +355,9 @@ def inner_disk(work: Path, mnt: Path, out: Path, rlimit: bool) -> None:
     def line(err: str) -> str:
         return (err.strip().splitlines() or [""])[-1]
 
-    def record(what, code, err, runs, extra=None):
+    def record(what, code, err, runs, extra=None, kind="disk full"):
         errors = [x for x in err.strip().splitlines() if x.startswith("scorelab ")]
-        results.append({"kind": "disk full", "what": what, "exit": code, "message": line(err)[:240],
+        results.append({"kind": kind, "what": what, "exit": code, "message": line(err)[:240],
                         "one_line": len(errors) == 1 and "error: " in errors[0] and line(err) == errors[0],
                         "no_traceback": "Traceback" not in err, "no_temporaries": not temporaries(runs) if runs.exists() else True,
                         **(extra or {})})
@@ -401,6 +403,24 @@ def inner_disk(work: Path, mnt: Path, out: Path, rlimit: bool) -> None:
         code, _, err = run_cmd({**base, "fill_now": True}, ["sample", str(run), "--n", "4000", "--out", str(mnt / name)])
         free()
         record(f"sample --out {name}", code, err, mnt, {"no_partial_file": not (mnt / name).exists(), "expected_exit": 2})
+    # 5. a read-only run folder (a read-only bind mount: the kernel's EROFS), namespace only
+    if not rlimit:
+        import hashlib
+
+        def hashes():
+            return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+
+        ro = subprocess.run(["sh", "-c", f"mount --bind '{run}' '{run}' && mount -o remount,bind,ro '{run}'"],
+                            capture_output=True, text=True)
+        if ro.returncode == 0:
+            before = hashes()
+            for what, argv in (("read-only: train --resume", ["train", "--resume", str(run), "--train.steps", "400",
+                                                               "--no-progress"]),
+                               ("read-only: eval", ["eval", str(run), "--n", "200"]),
+                               ("read-only: sample", ["sample", str(run), "--n", "16"])):
+                code, _, err = run_cmd({}, argv)
+                record(what, code, err, runs, {"expected_exit": 2, "run_unchanged": hashes() == before,
+                                               "names_cause": "Read-only file system" in line(err)}, kind="read-only folder")
     out.write_text(json.dumps(results))
 
 
@@ -420,7 +440,7 @@ def _step(ck: Path):
 # The table
 # --------------------------------------------------------------------------------------
 CHECKS = ("metrics_ok", "second_ignored", "one_line", "no_run_folder", "old_eval_json_intact", "no_partial_file",
-          "resumed_identical")  # the trial-specific checks (the "other" column)
+          "resumed_identical", "run_unchanged", "names_cause")  # the trial-specific checks (the "other" column)
 
 
 def table(results: list[dict]) -> str:
@@ -514,7 +534,7 @@ def main() -> None:
         disk_mode = "tmpfs (unshare -rm)" if tmpfs_available() else "RLIMIT_FSIZE"
         for res in disk_trials(ref, work, disk_mode.startswith("tmpfs")):
             results.append(res)
-            print(f"  disk full ({disk_mode}) {res['what']:<28} exit {res['exit']}: {res['message'][:120]}", flush=True)
+            print(f"  {res['kind']} ({disk_mode}) {res['what']:<28} exit {res['exit']}: {res['message'][:120]}", flush=True)
 
     order = {"kill -9 at random": 0, "kill -9 in a write": 1}
     results.sort(key=lambda r: (order.get(r["kind"], 2), r["kind"]))

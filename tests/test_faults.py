@@ -576,3 +576,40 @@ def test_a_family_error_inside_a_step_is_one_line_naming_the_kept_checkpoint(tmp
     assert str(e.value) == (f"loss_g became nan at step 7; lower model.optim_g.lr; the checkpoint at step 5 is kept "
                             f"(resume with --resume {d})")
     assert load_checkpoint(d / "checkpoint.safetensors")[1]["step"] == 5
+
+
+def test_read_only_and_permission_denied_run_folders_are_one_line(tmp_path, capsys, monkeypatch):
+    """As root chmod does not deny, so the kernel's answers are patched in where the run folder is
+    written: the lock (resume), eval.json and sample's default output (a real read-only bind
+    mount is in benchmarks/faults.py)."""
+    import pathlib
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(with_train(steps=4)))
+    assert main(["train", str(cfg), "--runs", str(tmp_path), "--no-progress"]) == 0
+    d = tmp_path / "toy"
+    before = {p.name: sha(p) for p in d.rglob("*") if p.is_file()}
+    real_open, real_write = os.open, pathlib.Path.write_text
+
+    for code_, text in ((errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")):
+        def deny_open(path, *a, **kw):
+            if str(path).startswith(str(d)):
+                raise OSError(code_, os.strerror(code_), str(path))
+            return real_open(path, *a, **kw)
+
+        def deny_write(self, *a, **kw):
+            if str(self).startswith(str(d)):
+                raise OSError(code_, os.strerror(code_), str(self))
+            return real_write(self, *a, **kw)
+
+        monkeypatch.setattr(os, "open", deny_open)
+        monkeypatch.setattr(pathlib.Path, "write_text", deny_write)
+        capsys.readouterr()
+        for argv, name in ((["train", "--resume", str(d), "--train.steps", "8", "--no-progress"], f"{d}/.lock"),
+                           (["eval", str(d), "--n", "50"], f"{d}/eval.json")):
+            code = main(argv)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and err[-1].endswith(f"cannot write {name}: {text}"), err
+            assert "Traceback" not in "".join(err) and len([e for e in err if "error:" in e]) == 1
+        monkeypatch.undo()
+        assert {p.name: sha(p) for p in d.rglob("*") if p.is_file()} == before
