@@ -129,6 +129,15 @@ _GRIDS = _Cache(16)  # (path, times, batch, dtype, device) -> _GridData
 _TIME_GRIDS = _Cache(64)  # (path, steps, kind, grid options) -> ts
 
 
+def _half_log_snr(a: float, s: float) -> float:
+    """``log(a / s)``: +inf at a clean time (s = 0), -inf where a = 0."""
+    if s == 0:
+        return math.inf
+    if a == 0:
+        return -math.inf
+    return math.log(a) - math.log(s)
+
+
 class _GridData:
     """What one grid costs to prepare: its times and the path's coefficients there as Python floats
     (float64), and the (B,) time tensors handed to the denoiser (registered with those
@@ -145,6 +154,8 @@ class _GridData:
         self.times = register_times(path, ts, x, c)  # (B,) float64 time tensors, one per entry
         self.version = self.times[0]._version  # the views share one version counter
         self.sde = None  # (f, g^2) lists, on first use
+        self.hl = [_half_log_snr(a, s) for a, s in zip(self.alpha, self.sigma)]  # log(alpha / sigma)
+        self.memo: dict = {}  # per-step solver weights, by key (they depend on the grid only)
 
 
 class _Grid:
@@ -170,6 +181,7 @@ class _Grid:
         self.data = data
         self.ts, self.t, self.times = data.ts, data.t, data.times
         self.alpha, self.sigma, self.d_alpha, self.d_sigma = data.alpha, data.sigma, data.d_alpha, data.d_sigma
+        self.hl, self.memo = data.hl, data.memo
 
     def __len__(self) -> int:
         return len(self.t)
@@ -188,12 +200,7 @@ class _Grid:
 
     def half_log_snr(self, i: int) -> float:
         """``log(alpha_i / sigma_i)`` (half the log-SNR): +inf at a clean time, -inf where alpha = 0."""
-        a, s = self.alpha[i], self.sigma[i]
-        if s == 0:
-            return math.inf
-        if a == 0:
-            return -math.inf
-        return math.log(a) - math.log(s)
+        return self.hl[i]
 
     def order_cap(self, i: int, lower_order_final: bool) -> int:
         """Highest multistep order allowed for step ``i`` (see :func:`_order_cap`)."""
@@ -238,6 +245,24 @@ def _order_cap(g: _Grid, i: int, lower_order_final: bool) -> int:
     return 3
 
 
+_SCALARS: dict = {}  # (value, dtype) -> 0-d CPU tensor: multiplying by one is twice as fast as by a float
+
+
+def _scalar(c: float, dtype: torch.dtype) -> Tensor:
+    """``c`` as a 0-d CPU tensor of ``dtype`` (kept: a cached grid's coefficients recur every call).
+
+    ``T * _scalar(c, T.dtype)`` equals ``T * c`` exactly (torch casts a Python scalar to the
+    tensor's dtype the same way); a 0-d CPU tensor also multiplies tensors on any device.
+    """
+    key = (c, dtype)
+    v = _SCALARS.get(key)
+    if v is None:
+        if len(_SCALARS) > 65536:
+            _SCALARS.clear()
+        v = _SCALARS[key] = torch.tensor(c, dtype=dtype)
+    return v
+
+
 def _lincomb(terms: list[tuple[float, Tensor]]) -> Tensor:
     """``sum_j c_j T_j`` for ``(c_j, T_j)`` pairs with Python-float ``c_j``.
 
@@ -245,28 +270,29 @@ def _lincomb(terms: list[tuple[float, Tensor]]) -> Tensor:
     current point), zero coefficients are dropped, and the sum is one multiplication and
     in-place ``add_(T, alpha=c)`` calls: the cheapest way to form it with small tensors.
     """
-    cs: list[float] = []
-    ts: list[Tensor] = []
+    if len(terms) == 2:  # the most common case (DDIM, Euler): two distinct tensors
+        (c0, T0), (c1, T1) = terms
+        if T0 is not T1 and c0 != 0 and c1 != 0:
+            return torch.add(T0, T1, alpha=c1) if c0 == 1 else (T0 * _scalar(c0, T0.dtype)).add_(T1, alpha=c1)
+    merged: dict[int, list] = {}
     for c, T in terms:
-        for k in range(len(ts)):
-            if ts[k] is T:
-                cs[k] += c
-                break
+        e = merged.get(id(T))
+        if e is None:
+            merged[id(T)] = [c, T]
         else:
-            cs.append(c)
-            ts.append(T)
+            e[0] += c
     out, fresh = None, False
-    for c, T in zip(cs, ts):
+    for c, T in merged.values():
         if c == 0:
             continue
         if out is None:
-            out, fresh = (T, False) if c == 1 else (T * c, True)
+            out, fresh = (T, False) if c == 1 else (T * _scalar(c, T.dtype), True)
         elif fresh:
             out.add_(T, alpha=c)
         else:
             out, fresh = torch.add(out, T, alpha=c), True
     if out is None:
-        return torch.zeros_like(ts[0])
+        return torch.zeros_like(terms[0][1])
     return out
 
 
@@ -324,19 +350,30 @@ def sample_ddim(denoiser, x: Tensor, ts, *, generator: Generator = None, callbac
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     g = _Grid(denoiser, ts, x)
-    for i in g.steps():
-        pred = g.predict(x, i, cond)
-        a_t, s_t, a_s, s_s = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
-        if s_s == 0:
-            x = pred.x0
-        else:
+    plan = g.memo.get(("ddim", eta))
+    if plan is None:  # (i, clean, a_s, eps weight, noise std) per step: the grid decides them
+        plan = []
+        for i in g.steps():
+            a_t, s_t, a_s, s_s = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
+            if s_s == 0:
+                plan.append((i, True, 0.0, 0.0, 0.0))
+                continue
             s2_ts = max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
             c = eta * s_s * math.sqrt(s2_ts) / s_t
-            terms = pred.terms(a_s, math.sqrt(max(s_s**2 - c**2, 0.0)))
+            plan.append((i, False, a_s, math.sqrt(max(s_s**2 - c**2, 0.0)), c))
+        g.memo[("ddim", eta)] = plan
+    predict, times, kw = denoiser.predict, g.times, cond or {}
+    for i, clean, a_s, b, c in plan:
+        pred = predict(x, times[i], **kw) if kw else predict(x, times[i])
+        if clean:
+            x = pred.x0
+        else:
+            terms = pred.terms(a_s, b)
             if c > 0:
                 terms.append((c, randn_like(x, generator)))
             x = _lincomb(terms)
-        _report(callback, i, g, x, pred)
+        if callback is not None:
+            _report(callback, i, g, x, pred)
     return x
 
 
@@ -455,24 +492,37 @@ def sample_dpmpp_2m(denoiser, x: Tensor, ts, *, generator: Generator = None, cal
     (B, ...), ``ts`` (N+1,).
     """
     g = _Grid(denoiser, ts, x)
-    prev, h_prev = None, math.nan
-    for i in g.steps():
-        pred = g.predict(x, i, cond)
-        if g.sigma[i + 1] == 0:
-            x = pred.x0
-        else:
-            h = g.half_log_snr(i + 1) - g.half_log_snr(i)
-            c = -g.alpha[i + 1] * math.expm1(-h)  # x_s = (sigma_s / sigma_t) x_t + c D
-            terms = [(g.sigma[i + 1] / g.sigma[i], x)]
-            if prev is not None and math.isfinite(h_prev) and math.isfinite(h) and g.order_cap(i, lower_order_final) >= 2:
-                r = h_prev / h
-                terms += pred.terms(c * (1 + 0.5 / r), 0.0) + prev.terms(-c * (0.5 / r), 0.0)
+    key = ("dpmpp_2m", lower_order_final)
+    plan = g.memo.get(key)
+    if plan is None:  # (i, clean, sigma ratio, weight of x0_hat_i, weight of x0_hat_{i-1} or None) per step
+        plan, first, h_prev = [], True, math.nan
+        for i in g.steps():
+            if g.sigma[i + 1] == 0:
+                plan.append((i, True, 0.0, 0.0, None))
             else:
-                terms += pred.terms(c, 0.0)
-            x = _lincomb(terms)
-            h_prev = h
+                h = g.hl[i + 1] - g.hl[i]
+                c = -g.alpha[i + 1] * math.expm1(-h)  # x_s = (sigma_s / sigma_t) x_t + c D
+                if not first and math.isfinite(h_prev) and math.isfinite(h) and g.order_cap(i, lower_order_final) >= 2:
+                    r = h_prev / h
+                    plan.append((i, False, g.sigma[i + 1] / g.sigma[i], c * (1 + 0.5 / r), -c * (0.5 / r)))
+                else:
+                    plan.append((i, False, g.sigma[i + 1] / g.sigma[i], c, None))
+                h_prev = h
+            first = False
+        g.memo[key] = plan
+    predict, times, kw = denoiser.predict, g.times, cond or {}
+    prev = None
+    for i, clean, r_s, w0, w1 in plan:
+        pred = predict(x, times[i], **kw) if kw else predict(x, times[i])
+        if clean:
+            x = pred.x0
+        elif w1 is None:
+            x = _lincomb([(r_s, x)] + pred.terms(w0, 0.0))
+        else:
+            x = _lincomb([(r_s, x)] + pred.terms(w0, 0.0) + prev.terms(w1, 0.0))
         prev = pred
-        _report(callback, i, g, x, pred)
+        if callback is not None:
+            _report(callback, i, g, x, pred)
     return x
 
 
@@ -622,53 +672,98 @@ def sample_unipc(denoiser, x: Tensor, ts, *, generator: Generator = None, callba
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unipc variant must be 'bh1' or 'bh2', got {variant!r}")
     g = _Grid(denoiser, ts, x)
-    hist: list[tuple[Prediction, float]] = []  # x0 anchors (prediction, half log-SNR), most recent last
-    last = None  # the step just taken: (x it started from, its index, its order, its anchors)
-    for i in g.steps():
-        pred = g.predict(x, i, cond)
-        l0 = g.half_log_snr(i)
-        if corrector and last is not None and g.sigma[i + 1] != 0:
-            x = _unipc_update(g, last, pred, variant)
-        if not math.isfinite(l0):
-            hist = []
-        if g.sigma[i + 1] == 0:
+    plan = _unipc_plan(g, order, variant, corrector, lower_order_final)
+    predict, times, kw = denoiser.predict, g.times, cond or {}
+    preds: list[Prediction] = []  # predictions so far, most recent first
+    for i, clean, r_s, w in plan:
+        pred = predict(x, times[i], **kw) if kw else predict(x, times[i])  # at the predicted (uncorrected) point
+        preds = [pred] + preds[:order]
+        if clean:
             x = pred.x0
-            last = None
-        else:
-            p = min(order, len(hist) + 1, g.order_cap(i, lower_order_final))
-            if not math.isfinite(l0):
-                p = 1
-            anchors = [(pred, l0)] + list(reversed(hist))[: p - 1]  # m0, m1, ... most recent first
-            last = (x, i, p, anchors)
-            x = _unipc_update(g, last, None, variant)
-        if math.isfinite(l0):
-            hist = (hist + [(pred, l0)])[-2:]
-        _report(callback, i, g, x, pred)
+        else:  # UniC of the last step and UniP of this one in one combination (see _unipc_plan)
+            terms = [(r_s, x)]
+            for c, m in zip(w, preds):
+                terms += m.terms(c, 0.0)
+            x = _lincomb(terms)
+        if callback is not None:
+            _report(callback, i, g, x, pred)
     return x
 
 
-def _unipc_update(g: _Grid, last, m_s: Prediction | None, variant: str) -> Tensor:
-    """One UniP (``m_s`` None) or UniC update (``m_s``: the prediction at the step's end) of the
-    step ``last = (x it starts from, i, order, anchors)``."""
-    x0_pt, i, p, anchors = last
-    corrector = m_s is not None
-    l0 = anchors[0][1]
-    h = g.half_log_snr(i + 1) - l0
-    rks = [(lk - l0) / h for _, lk in anchors[1:]] + [1.0]
-    h_phi_1, B_h, rhos = _unipc_weights(h, rks, p, variant, corrector)
-    a_s = g.alpha[i + 1]
-    m0 = anchors[0][0]
-    terms = [(g.sigma[i + 1] / g.sigma[i], x0_pt)]
-    c0 = -a_s * h_phi_1
-    k = -a_s * B_h
-    for (mk, _), rk, rho in zip(anchors[1:], rks, rhos):  # D1_k = (m_k - m0) / r_k
-        terms += mk.terms(k * rho / rk, 0.0)
-        c0 -= k * rho / rk
-    if corrector:  # D1_s = m_s - m0 with weight rho[-1]
-        terms += m_s.terms(k * rhos[-1], 0.0)
-        c0 -= k * rhos[-1]
-    terms += m0.terms(c0, 0.0)
-    return _lincomb(terms)
+def _unipc_plan(g: _Grid, order: int, variant: str, corrector: bool, lower_order_final: bool) -> list:
+    """Per step ``(i, clean, sigma_s / sigma_i, w)``, memoised per grid, with
+    ``x_{i+1} = (sigma_s / sigma_i) x_pred_i + sum_j w_j m_{i-j}`` over this and the previous
+    ``order`` predictions ``m_i, m_{i-1}, ...`` (``m_i`` made at the predicted point ``x_pred_i``).
+
+    UniC corrects ``x_pred_i`` to ``x_c = x_pred_i + sum_j dc_j m_j`` (the corrector's weights of step
+    ``i-1`` minus its predictor's, on that step's anchors, and its weight of ``m_i``), and UniP
+    steps from it: ``x_{i+1} = r x_c + sum_j cp_j m_j``; ``x_c`` itself is never needed, so the two
+    combine into ``w = r dc + cp`` (one linear combination per step). The anchors of a step are the
+    previous predictions with a finite half log-SNR.
+    """
+    key = ("unipc", order, variant, corrector, lower_order_final)
+    plan = g.memo.get(key)
+    if plan is not None:
+        return plan
+    plan, hist, last = [], [], None  # hist: half log-SNRs of the anchors
+    for i in g.steps():
+        l0 = g.hl[i]
+        dc = [0.0] * (order + 2)  # on m_i, m_{i-1}, ...
+        if corrector and last is not None and g.sigma[i + 1] != 0:
+            j, p, anchors, cp_j = last
+            cc = _unipc_coefficients(g, j, p, anchors, variant, True)
+            dc[0] = cc[-1]  # m_s of step j is m_i
+            for k, (c, d) in enumerate(zip(cc, cp_j)):  # anchors of step j: m_{i-1}, m_{i-2}, ...
+                dc[k + 1] += c - d
+        if not math.isfinite(l0):
+            hist = []
+        if g.sigma[i + 1] == 0:
+            plan.append((i, True, 0.0, []))
+            last = None
+        else:
+            p = 1 if not math.isfinite(l0) else min(order, len(hist) + 1, g.order_cap(i, lower_order_final))
+            anchors = [(None, l0)] + [(None, lk) for lk in reversed(hist)][: p - 1]
+            cp = _unipc_coefficients(g, i, p, anchors, variant, False)
+            last = (i, p, anchors, cp)
+            r = g.sigma[i + 1] / g.sigma[i]
+            w = [r * d for d in dc]
+            for k, c in enumerate(cp):
+                w[k] += c
+            while w and w[-1] == 0:
+                w.pop()
+            plan.append((i, False, r, w))
+        if math.isfinite(l0):
+            hist = (hist + [l0])[-2:]
+    g.memo[key] = plan
+    return plan
+
+
+def _unipc_coefficients(g: _Grid, i: int, p: int, anchors, variant: str, corrector: bool) -> list[float]:
+    """Coefficients of the anchors ``m0, m1, ...`` (then of ``m_s`` for the corrector) in the UniPC update
+    of step ``i``, the term ``(sigma_s / sigma_0) x_0`` aside; they depend on the grid only (memoised):
+
+        x_s = (sigma_s / sigma_0) x_0 - alpha_s h_phi_1 m0
+              - alpha_s B_h (sum_k rho_k (m_k - m0) / r_k  [+ rho_s (m_s - m0)])
+    """
+    key = ("unipc", i, p, variant, corrector, tuple(lk for _, lk in anchors))
+    cs = g.memo.get(key)
+    if cs is None:
+        l0 = anchors[0][1]
+        h = g.hl[i + 1] - l0
+        rks = [(lk - l0) / h for _, lk in anchors[1:]] + [1.0]
+        h_phi_1, B_h, rhos = _unipc_weights(h, rks, p, variant, corrector)
+        a_s = g.alpha[i + 1]
+        k = -a_s * B_h
+        c0 = -a_s * h_phi_1
+        rest = []
+        for rk, rho in zip(rks[:-1], rhos):  # D1_k = (m_k - m0) / r_k
+            rest.append(k * rho / rk)
+            c0 -= k * rho / rk
+        if corrector:  # D1_s = m_s - m0 with weight rho[-1]
+            rest.append(k * rhos[-1])
+            c0 -= k * rhos[-1]
+        cs = g.memo[key] = [c0] + rest
+    return cs
 
 
 # --------------------------------------------------------------------------------------

@@ -110,11 +110,11 @@ class Prediction:
     ``a x0 + b eps`` pays for it once (:meth:`terms`) instead of for both conversions and the sum.
     """
 
-    __slots__ = ("x_t", "_c", "_x0", "_eps", "_value", "_kind", "_at", "_c64")
+    __slots__ = ("x_t", "_c", "_x0", "_eps", "_value", "_kind", "_at", "_c64", "_ax0")
 
     def __init__(self, x_t: Tensor, coefficients: Coefficients, x0: Tensor, eps: Tensor):
         self.x_t, self._c, self._x0, self._eps = x_t, coefficients, x0, eps
-        self._value = self._kind = self._at = self._c64 = None
+        self._value = self._kind = self._at = self._c64 = self._ax0 = None
 
     @classmethod
     def of_kind(cls, x_t: Tensor, value: Tensor, kind: str, at, c64: tuple) -> "Prediction":
@@ -126,7 +126,7 @@ class Prediction:
         """
         p = cls.__new__(cls)
         p.x_t, p._c, p._x0, p._eps = x_t, None, None, None
-        p._value, p._kind, p._at, p._c64 = value, kind, at, c64
+        p._value, p._kind, p._at, p._c64, p._ax0 = value, kind, at, c64, None
         if kind == "x0":
             p._x0 = value
         elif kind == "eps":
@@ -138,7 +138,7 @@ class Prediction:
         """Given estimates ``x0, eps`` at a registered time ``at`` (its coefficients made only if asked)."""
         p = cls.__new__(cls)
         p.x_t, p._c, p._x0, p._eps = x_t, None, x0, eps
-        p._value = p._kind = p._c64 = None
+        p._value = p._kind = p._c64 = p._ax0 = None
         p._at = at
         return p
 
@@ -179,9 +179,16 @@ class Prediction:
         For a lazy prediction of a network output ``u`` these are two terms in ``(x_t, u)``, from
         the table's linear maps (e.g. eps: ``x0 = (x_t - sigma u) / alpha``, so ``a x0 + b eps =
         (a / alpha) x_t + (b - a sigma / alpha) u``); otherwise ``[(a, x0), (b, eps)]``. Zero
-        coefficients are dropped.
+        coefficients are dropped. A lazy eps prediction asked for ``x0`` alone (``b = 0``, as the
+        multistep solvers do with their history) is one term instead, ``(a / alpha) (x_t - sigma u)``,
+        with ``x_t - sigma u`` formed once and kept: a prediction reused by several updates costs one
+        operation, not two per update.
         """
         if self._value is not None:
+            if b == 0 and self._kind == "eps" and self._x0 is None and self._c64[0] != 0:
+                if self._ax0 is None:
+                    self._ax0 = torch.add(self.x_t, self._value, alpha=-self._c64[1])  # alpha x0 = x_t - sigma u
+                return [(a / self._c64[0], self._ax0)] if a != 0 else []
             lin = _linear_map(self._kind, self._c64, a, b)
             if lin is not None:
                 cx, cu = lin
@@ -418,15 +425,17 @@ class Denoiser:
         stored coefficients, the net's time input is made once per time, and the conversion is left
         to the sampler's first use (:meth:`Prediction.of_kind`).
         """
-        t = as_time_batch(t, x)
-        e = registered_time(t, self.path, x)
-        if e is None:
+        e = _TIMES.get(id(t))  # registered_time(t, self.path, x), inlined: this is the per-step path
+        tab = None if e is None or e.ref() is not t or e.version != t._version else e.table
+        if tab is None or tab.path is not self.path or tab.dtype != x.dtype or tab.batch != x.shape[0]:
+            t = as_time_batch(t, x)
             c = self.path.coefficients(t).to(x)
             x0, eps = to_x0_eps(self.raw(x, t, **cond), self.kind, x, c)
             return Prediction(x, c, x0, eps)
         dt = self.net_dtype or x.dtype
-        tab, i = e.table, e.i
-        tau = tab.tau(dt, i)  # path.c_noise(t).to(dt), as _net makes it
+        i = e.i
+        rows = tab._tau.get(dt)
+        tau = rows[i] if rows is not None else tab.tau(dt, i)  # path.c_noise(t).to(dt), as _net makes it
         if self.precond != "none":
             key = ("scalings", self.sigma_data, self.sigma_min, i)
             sc = tab.memo.get(key)
