@@ -128,7 +128,8 @@ def drive(spec: dict, argv: list[str]) -> int:
     cm.WRITE_HOOK = write_hook
     if spec.get("fill_now"):
         fill()
-    code = main(argv)
+    sys.argv = ["scorelab", *argv]
+    code = main()  # as the command line calls it (the process's entry point)
     if spec.get("snapshot"):
         save_file(st["snap"], spec["snapshot"])
     return code

@@ -72,12 +72,17 @@ def _verb(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..data.images import DataError
-    from ..families.base import CapabilityError
-    from ..train.checkpoint import CheckpointError, StorageError
-    from ..train.config import ConfigError
-    from ..train.trainer import DivergedError
+    try:
+        from ..data.images import DataError
+        from ..families.base import CapabilityError
+        from ..train.checkpoint import CheckpointError, StorageError
+        from ..train.config import ConfigError
+        from ..train.trainer import DivergedError
+    except KeyboardInterrupt:
+        print("scorelab: interrupted by SIGINT", file=sys.stderr)
+        return 130
 
+    entry_point = argv is None  # called as the process's command (sys.argv), not by other Python code
     argv = list(sys.argv[1:] if argv is None else argv)
     name = f"scorelab {_verb(argv)}".strip()
     debug = bool(os.environ.get("SCORELAB_DEBUG"))
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, rest = split_overrides(argv)
         args, unknown = parser.parse_known_args(argv)
         name = f"scorelab {args.command}"
+        args.entry_point = entry_point
         return VERBS[args.command].run(args, list(unknown) + list(rest))
     except DivergedError as e:
         if debug:

@@ -117,7 +117,9 @@ def run(args, rest) -> int:
 
     from ..train.trainer import CKPT, GracefulStop, Trainer
 
-    with GracefulStop(defer=False) as stop:  # start-up: a signal aborts at once (nothing is written yet)
+    # start-up: a signal aborts at once (nothing is written yet); the process's own entry point keeps
+    # ignoring signals after the run (it exits right after), a caller's process gets its handlers back
+    with GracefulStop(defer=False, restore=not getattr(args, "entry_point", False)) as stop:
         cfg, run_dir = _config(args, rest)
         dataset = load_data(cfg)
         family = build(cfg, dataset)

@@ -205,14 +205,18 @@ class GracefulStop:
     :class:`Interrupted` (a KeyboardInterrupt) at once. Once the trainer sets it True (before it writes anything),
     the first signal only records :attr:`signum`; the loop stops after the step in progress and
     saves. Every later signal is ignored with a message saying what is being finished
-    (``describe()``). Handlers are installed only in the main thread and restored on exit.
+    (``describe()``). Handlers are installed only in the main thread and restored on exit, unless
+    ``restore`` is False (the command line's own process, which exits right after: a signal that
+    comes after the save, between the restore and the exit, would otherwise kill it or print a
+    traceback).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, defer: bool = True, describe: Callable[[], str] | None = None):
+    def __init__(self, defer: bool = True, describe: Callable[[], str] | None = None, restore: bool = True):
         self.defer = defer  # True: record and wait for the end of the step; False: raise KeyboardInterrupt
         self.describe = describe or (lambda: "the current step")  # what is being finished (for the messages)
+        self.restore = restore  # restore the old handlers on exit (False: a process about to exit keeps ignoring signals)
         self.signum: int | None = None  # the first signal received
         self._old: dict = {}
 
@@ -223,8 +227,11 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc) -> bool:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+        if self.restore:
+            for s, h in self._old.items():
+                signal.signal(s, h)
+        else:  # the command line's process: a late second signal must not kill it between the save and its exit
+            self.defer, self.describe = True, (lambda: "exiting")
         self._old.clear()
         return False
 
