@@ -450,9 +450,12 @@ def summary(problem: Problem, name: str, rows: list[Row], nfes, mono: dict, use_
                     default_ll=dflt.ll_gap, best_ours=ob.label if ob else None, best_ours_err=_err(ob, use_ref) if ob else None)
         line = f"NFE {n:>3}: default {_err(dflt, use_ref):.4f} (LL {dflt.ll_gap:+.2f})"
         if dd is not None:
-            r1 = _err(dflt, use_ref) / _err(dd, use_ref) if _err(dd, use_ref) > 0 else math.inf
-            r2 = _err(dflt, use_ref) / _err(db, use_ref) if _err(db, use_ref) > 0 else math.inf
-            rb = _err(ob, use_ref) / _err(db, use_ref) if _err(db, use_ref) > 0 else math.inf
+            def ratio(a, b):  # both within the floor (0 / 0) counts as a tie met
+                return a / b if b > 0 else (0.0 if a == 0 else math.inf)
+
+            r1 = ratio(_err(dflt, use_ref), _err(dd, use_ref))
+            r2 = ratio(_err(dflt, use_ref), _err(db, use_ref))
+            rb = ratio(_err(ob, use_ref), _err(db, use_ref))
             item.update(diffusers_default=dd.label, diffusers_default_err=_err(dd, use_ref), diffusers_default_ll=dd.ll_gap,
                         diffusers_best=db.label, diffusers_best_err=_err(db, use_ref), ratio_default=r1, ratio_best=r2,
                         ratio_best_vs_best=rb, ll_ok=abs(dflt.ll_gap) <= abs(dd.ll_gap) + 2 * dflt.ll_se)

@@ -37,13 +37,17 @@ level of EDM's sampler (:func:`sample_heun_edm`).
 NFE (denoiser evaluations): :func:`nfe_per_step` per step and :func:`count_nfe` for a whole
 run; both are exact: the count a sampler reports is the count it spends.
 
-Speed: the grid's coefficients are computed once per call, and every time tensor handed to the
-denoiser is registered with them (:func:`scorelab.targets.register_times`), so a
-:class:`~scorelab.targets.Denoiser` evaluation costs the network plus a handful of tensor
-operations; each update is one linear combination (:func:`_lincomb`) of the current point and
-the raw network outputs (:meth:`Prediction.terms`). The results are those of the formulas in the
-docstrings, up to float rounding (``tests/test_samplers_robust.py`` pins them against direct
-float64 implementations).
+Multistep orders: a step longer than ``pi / 2`` in half log-SNR is taken at first order
+(:data:`MAX_MULTISTEP_H`, the convergence radius of a Gaussian posterior mean's Taylor series).
+
+Speed: a grid's coefficients are computed once and kept for the same path object, times and
+batch layout (``_Grid``); every time tensor handed to the denoiser is registered with them
+(:func:`scorelab.targets.register_times`), so a :class:`~scorelab.targets.Denoiser` evaluation
+costs the network plus a handful of Python operations; DDIM, DPM-Solver++(2M) and UniPC precompute
+their per-step weights once per grid (a "plan"), and each update is one linear combination
+(:func:`_lincomb`) of the current point and the raw network outputs (:meth:`Prediction.terms`).
+The results are those of the formulas in the docstrings up to float rounding
+(``tests/test_samplers_robust.py`` pins every sampler to a direct float64 implementation to 1e-12).
 """
 
 from __future__ import annotations

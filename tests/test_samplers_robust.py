@@ -605,3 +605,16 @@ def test_ddpm_path_from_a_table_equals_its_own_table():
                 dict(betas=[0.1], alphas_cumprod=[0.9])):
         with pytest.raises(ValueError):
             DDPMDiscrete(**bad)
+
+
+def test_full_covariance_mixture_at_one_time_equals_the_per_example_route():
+    """The shared-time route for full covariances (one (B, D) x (D, K D) product) equals the per-example
+    eigenbasis route (taken for inputs that require a gradient) to 1e-10."""
+    gm = random_mixture(6, 4, seed=3)
+    x = 2 * torch.randn(30, 6, generator=gen(1), dtype=F)
+    for a in (1.0, 0.6, 0.0, 0.01):
+        A, Sg = torch.full((30,), a, dtype=F), torch.full((30,), math.sqrt(1 - a * a) + (a == 1.0) * 0.3, dtype=F)
+        fast = gm.posterior(x, A, Sg)
+        slow = gm.posterior(x.clone().requires_grad_(True), A, Sg)
+        for p, q in zip(fast, slow):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)

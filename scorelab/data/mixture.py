@@ -200,6 +200,28 @@ class GaussianMixture:
 
         return logn, means
 
+    def _full_uniform(self, x: Tensor, a: float, s: float, lw: Tensor):
+        """:meth:`posterior` for full covariances at one shared ``(alpha, sigma)``.
+
+        With ``U = [U_1 .. U_K]`` (D, K D) and ``V_k = alpha^2 l_k + sigma^2`` (K, D), the projections
+        are one product ``y = x U - alpha (U_k^T m_k)`` (B, K, D), the log-normalisers use ``V`` (K, D)
+        only, and ``sum_k r_k U_k v_k`` is one product ``(r v).reshape(B, K D) U^T`` for ``v`` the
+        per-component means in the eigenbases: no (B, K, D) logarithms or per-example divisions.
+        """
+        x = x.to(_F)
+        B, K, D = x.shape[0], self.K, self.dim
+        U = self._evecs.permute(1, 0, 2).reshape(D, K * D)  # columns: U_1 .. U_K
+        mu = torch.einsum("kdj,kd->kj", self._evecs, self.means)  # U_k^T m_k: (K, D)
+        y = (x @ U).reshape(B, K, D) - a * mu[None]  # (B, K, D)
+        V = a * a * self.evals + s * s  # (K, D)
+        iV = 1 / V
+        logn = -0.5 * ((y * y * iV[None]).sum(-1) + torch.log(2 * math.pi * V).sum(-1)[None])  # (B, K)
+        r = torch.softmax(logn + lw, dim=1)  # (B, K)
+        ry = r[:, :, None] * y  # (B, K, D)
+        x0 = r @ self.means + (ry * (a * self.evals * iV)[None]).reshape(B, K * D) @ U.T
+        eps = (ry * (s * iV)[None]).reshape(B, K * D) @ U.T
+        return x0, eps, r
+
     def log_prob(self, x: Tensor) -> Tensor:
         """Log-density at ``x: (B, D)``: (B,)."""
         one = torch.ones(x.shape[0], dtype=_F)
@@ -229,15 +251,15 @@ class GaussianMixture:
         """
         alpha, sigma = _batch(alpha, x), _batch(sigma, x)
         lw = torch.log(self.weights)[None] if log_prior is None else log_prior
-        if self._evecs is not None:
-            shared = None
-        elif shared is None:
+        if shared is None:
             shared = self._shared(alpha, sigma)
-        if shared is not None:  # isotropic / diagonal at one time: (B, D) x (D, K) products
+        if shared is not None and self._evecs is None:  # isotropic / diagonal at one time: (B, D) x (D, K) products
             logn, means = self._diagonal_uniform(x, *shared, posterior=True)
             r = torch.softmax(logn + lw, dim=1)  # (B, K)
             x0, eps = means(r)
             return x0, eps, r
+        if shared is not None and not x.requires_grad:  # full covariances at one time
+            return self._full_uniform(x, *shared, lw)
         logn, y, var = self._components(x, alpha, sigma)
         r = torch.softmax(logn + lw, dim=1)  # (B, K)
         a = alpha.to(_F).reshape(-1, 1, 1)
