@@ -277,3 +277,22 @@ def test_traverse_on_a_diffusion_run_names_the_families_that_can(tmp_path, capsy
     capsys.readouterr()
     code, _, err = _cli(["traverse", tmp_path / "dif"], capsys)
     assert code == 2 and err.strip().splitlines() == ["scorelab traverse: error: diffusion runs cannot traverse (families that can: vae)"]
+
+
+@pytest.mark.parametrize("preset,family,net", [("fmnist-vae", "vae", None), ("fmnist-vae-beta4", "vae", None),
+                                               ("fmnist-pixelcnn", "pixelcnn", "gated"),
+                                               ("fmnist-pixelcnn-tiles", "pixelcnn", "tiles")])
+def test_presets_build_and_fit_the_five_minute_budget(preset, family, net):
+    from scorelab.cli.common import resolve_config
+    from scorelab.families import make_family
+    from scorelab.train.config import RunConfig
+
+    cfg = RunConfig.from_dict(resolve_config(preset))
+    assert cfg.name == preset and cfg.data.name == "fmnist-embedded" and cfg.train.max_minutes == 4.5
+    fam = make_family(cfg.model, (1, 28, 28), 10)
+    assert fam.name == family and (net is None or fam.cfg.net == net)
+    if family == "vae":
+        assert fam.cfg.decoder == "discretized_gaussian" and fam.capabilities().nll_options == ("k",)  # bits/dim as diffusion's
+        assert fam.cfg.beta == (4.0 if preset.endswith("beta4") else 1.0)
+    else:
+        assert fam.capabilities().nll_exact == ("exact",)
