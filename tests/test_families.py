@@ -151,6 +151,12 @@ TINY = {
     "consistency": ({"name": "8gaussians", "options": {"n": 256}}, {"teacher": "@diffusion", "n_steps": 4, "solver": "ddim"}),
     "consistency_training": ({"name": "8gaussians", "options": {"n": 256}},
                              {"net": "mlp", "net_options": {"width": 16, "depth": 1}, "n_start": 2}),
+    # latent diffusion on the tiny autoencoder above (8x8 digits -> 4x4x4 latents)
+    "autoencoder": ({"name": "digits"}, {"net_options": {"factor": 2, "base_channels": 8, "groups": 4}, "disc_start": 1,
+                                         "disc_options": {"channels": 8, "layers": 1, "groups": 4}}),
+    "latent_diffusion": ({"name": "digits"}, {"autoencoder": "@autoencoder", "net_options": {
+        "base_channels": 8, "channel_mult": [1], "attention_levels": [], "mid_attention": False, "groups": 4, "patch_size": 1},
+        "sampler": "euler", "sampling_steps": 2}),
 }
 
 # a value for every family-specific flag of `scorelab sample` that needs no other context
