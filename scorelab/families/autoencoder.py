@@ -8,14 +8,15 @@ discriminator, a GAN-like architecture". The loss is that of LDM's ``LPIPSWithDi
 
     z ~ q(z | x) = N(mean(x), diag exp(log_var(x)))              (reparameterized, ctx.generator)
     x^ = Dec(z)
-    R   = mean_i [ sum_pixels d(x_i, x^_i) + perceptual_weight * P(x_i, x^_i) ]     d = |.| (l1) or (.)^2 (l2)
+    R   = mean_i sum_pixels [ d(x_i, x^_i) + perceptual_weight * P(x_i, x^_i) ]     d = |.| (l1) or (.)^2 (l2)
     KL  = mean_i KL(q(z | x_i) || N(0, I))                       (summed over the latent's dimensions)
     G   = -mean_{i, patches} D(x^_i)                             (hinge generator loss, patch logits)
     lam = disc_weight * clamp(||grad_w R|| / (||grad_w G|| + 1e-4), 0, disc_max_weight)   w = the decoder's last weight
     L_AE = R + kl_weight * KL + [s >= disc_start] * lam * G                    -> optimizer "autoencoder"
     L_D  = [s >= disc_start] * 1/2 mean_{i, patches} [relu(1 - D(x_i)) + relu(1 + D(x^_i))]   -> optimizer "discriminator"
 
-The sums over pixels and latent dimensions (not means) are LDM's convention: ``kl_weight = 1e-6``
+The sums over pixels and latent dimensions (not means) are LDM's convention (its per-image
+perceptual distance is added to every pixel's, hence counted C H W times): ``kl_weight = 1e-6``
 (LDM's KL autoencoder configs) is relative to them, so the KL term only keeps the latents from
 drifting to huge scales (latent diffusion rescales them anyway, by ``1/std``). The adaptive weight
 ``lam`` (VQGAN) makes the adversarial gradient at the decoder's last layer as large as the
@@ -35,6 +36,14 @@ nets after disc_start (0.38 -> 0.55 s per batch of 64, float32, one thread). Bec
 is measured in the same LeNet's features, it optimises a close relative of the metric that judges
 it: with it, rFID is no longer an independent measurement (eval's output says so). Other data
 have no perceptual network: a ConfigError.
+
+**What each term gave** (fmnist-autoencoder nets, 450 steps of batch 64, float32, one thread;
+eval on the 1000 test images, EMA weights; one run each, so differences of a few FID units are
+noise): L1 + KL only: L1 0.083, PSNR 22.4 dB, rFID 42.6. With the GAN term from step 250: L1
+0.106, PSNR 20.3 dB, rFID 33.9 -- sharper (the seed's point) at a cost in pixel error. GAN plus
+the LeNet perceptual term (``perceptual_weight: 0.25``): L1 0.084, PSNR 22.4 dB, rFID 3.6 and
+visibly sharper textures, but that rFID is measured in the features the loss matched, so it is
+not comparable with the other two.
 
 **Eval** (:meth:`AutoencoderFamily.evaluate`): on the held-out images, the reconstructions
 ``Dec(mean(x))`` give the per-pixel L1 and MSE (model space ``[-1, 1]``), PSNR (uint8 values, peak
@@ -203,11 +212,11 @@ class AutoencoderFamily(Family):
         return out
 
     def reconstruction_terms(self, x: Tensor, xr: Tensor) -> Tensor:
-        """Per-example reconstruction loss (B,): ``sum_pixels d(x, x^) + perceptual_weight * P(x, x^)``."""
+        """Per-example reconstruction loss (B,): ``sum_pixels [d(x, x^) + perceptual_weight * P(x, x^)]``."""
         diff = (x.float() - xr.float()).flatten(1)
         rec = diff.abs().sum(1) if self.cfg.reconstruction == "l1" else diff.square().sum(1)
-        if self.perceptual is not None:
-            rec = rec + self.cfg.perceptual_weight * lenet_perceptual_distance(self.perceptual, x, xr)
+        if self.perceptual is not None:  # added to every pixel's distance before the sum, as LDM adds LPIPS
+            rec = rec + self.cfg.perceptual_weight * diff.shape[1] * lenet_perceptual_distance(self.perceptual, x, xr)
         return rec
 
     def training_step(self, modules, batch: dict, ctx) -> dict:
