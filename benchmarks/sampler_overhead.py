@@ -5,8 +5,10 @@ sampled for 50 steps on the DDPM path (``DDPMDiscrete(T=1000)``) through an eps-
 :class:`~scorelab.targets.Denoiser`. Every variant is timed as one whole call (grid, start and
 loop), with ``torch.no_grad()`` around all of them, and the variants are interleaved: each round
 times every variant once, in the same order, so a load change on the (shared) machine hits all of
-them alike. The report is the median over rounds, and each variant's ratio to the network's own
-50 forward passes (the same net, inputs and time inputs, no sampler at all):
+them alike. The report is the median over rounds of the wall clock and of the process's CPU time
+(the robust one when the machine's cores are oversubscribed: see :func:`measure`), and each
+variant's ratio to the network's own 50 forward passes (the same net, inputs and time inputs, no
+sampler at all):
 
 * ``net only``: the 50 ``net(x, tau_i)`` calls with the time inputs made beforehand;
 * ``bare loop``: the same calls with DDIM's update ``x = c1_i x + c2_i eps`` written inline, its
@@ -27,6 +29,7 @@ machine record (``benchmarks/common.py``).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -105,19 +108,27 @@ def variants(batch: int, use_diffusers: bool) -> dict:
     return out
 
 
-def measure(fns: dict, rounds: int) -> dict:
-    """Interleaved timings: ``rounds`` rounds, each timing every variant once. Returns name -> list of seconds."""
-    times = {k: [] for k in fns}
+def measure(fns: dict, rounds: int) -> tuple[dict, dict]:
+    """Interleaved timings: ``rounds`` rounds, each timing every variant once.
+
+    Returns ``(wall, cpu)``: name -> list of seconds, by ``time.perf_counter`` and by
+    ``time.process_time`` (the CPU time this one-threaded process spent: on a shared machine whose
+    cores are oversubscribed, a millisecond call is often descheduled for a whole time slice, which
+    the wall clock counts and the CPU clock does not).
+    """
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     with torch.no_grad():
         for f in fns.values():  # warm-up (first-call allocations, caches)
             f()
             f()
         for _ in range(rounds):
             for k, f in fns.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 f()
-                times[k].append(time.perf_counter() - t0)
-    return times
+                t1, c1 = time.perf_counter(), time.process_time()
+                wall[k].append(t1 - t0)
+                cpu[k].append(c1 - c0)
+    return wall, cpu
 
 
 def main(argv=None) -> int:
@@ -139,19 +150,24 @@ def main(argv=None) -> int:
         except ImportError:
             print("diffusers not installed: its row is skipped")
     results = []
+    load = os.getloadavg()
+    print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")
     for j, batch in enumerate(args.batch):
         rounds = args.rounds[min(j, len(args.rounds) - 1)] if args.rounds else (60 if batch < 1000 else 10)
-        times = measure(variants(batch, use_diffusers), rounds)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        base = med["net only"]
-        print(f"\nbatch {batch}: medians of {rounds} interleaved rounds")
-        print(f"  {'variant':<22}{'ms':>10}{'x net':>9}{'us/step over net':>18}")
-        for k, m in med.items():
-            print(f"  {k:<22}{m * 1e3:>10.3f}{m / base:>9.2f}{(m - base) / STEPS * 1e6:>18.1f}")
-        results.append(dict(batch=batch, rounds=rounds, median_s=med, ratio={k: m / base for k, m in med.items()},
-                            samples_s=times))
+        wall, cpu = measure(variants(batch, use_diffusers), rounds)
+        mw = {k: statistics.median(v) for k, v in wall.items()}
+        mc = {k: statistics.median(v) for k, v in cpu.items()}
+        bw, bc = mw["net only"], mc["net only"]
+        print(f"\nbatch {batch}: medians of {rounds} interleaved rounds (wall clock | CPU time of this process)")
+        print(f"  {'variant':<20}{'wall ms':>10}{'x net':>8}{'cpu ms':>10}{'x net':>8}{'cpu us/step over net':>22}")
+        for k in mw:
+            print(f"  {k:<20}{mw[k] * 1e3:>10.3f}{mw[k] / bw:>8.2f}{mc[k] * 1e3:>10.3f}{mc[k] / bc:>8.2f}"
+                  f"{(mc[k] - bc) / STEPS * 1e6:>22.1f}")
+        results.append(dict(batch=batch, rounds=rounds, median_wall_s=mw, median_cpu_s=mc,
+                            ratio_wall={k: m / bw for k, m in mw.items()}, ratio_cpu={k: m / bc for k, m in mc.items()},
+                            wall_s=wall, cpu_s=cpu))
     write_json("sampler_overhead.json", dict(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), steps=STEPS,
-                                             threads=torch.get_num_threads(), results=results), machine)
+                                             threads=torch.get_num_threads(), loadavg=load, results=results), machine)
     return 0
 
 

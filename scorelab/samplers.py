@@ -371,11 +371,10 @@ def sample_ddim(denoiser, x: Tensor, ts, *, generator: Generator = None, callbac
         pred = predict(x, times[i], **kw) if kw else predict(x, times[i])
         if clean:
             x = pred.x0
+        elif c > 0:
+            x = _lincomb(pred.terms(a_s, b) + [(c, randn_like(x, generator))])
         else:
-            terms = pred.terms(a_s, b)
-            if c > 0:
-                terms.append((c, randn_like(x, generator)))
-            x = _lincomb(terms)
+            x = _lincomb(pred.terms(a_s, b))
         if callback is not None:
             _report(callback, i, g, x, pred)
     return x
