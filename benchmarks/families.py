@@ -6,8 +6,8 @@
 
 Each preset is trained alone (one at a time, in its own process: ``python -m scorelab train``) on
 the embedded Fashion-MNIST subset for ``--minutes`` of wall-clock training; a preset that builds on
-another run (latent diffusion on an autoencoder, a student on a teacher) first trains what it needs,
-and its row counts that time too. Then, through the run API and the family's own capabilities:
+another run (latent diffusion on an autoencoder) first trains what it needs with a share of the
+same budget, so its row's total training time equals every other row's. Then, through the run API and the family's own capabilities:
 
 * train img/s (the trainer's logged throughput), steps, the precision the run chose;
 * sample time per 1000 images with the family's default sampler (timed, after one warm-up batch);
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, header, write_json  # noqa: E402
 
-# preset -> the runs it needs first (config key -> preset), trained with the same budget each
+# preset -> the runs it needs first: config key -> (preset, share of the row's budget); the row's own
+# run gets what is left, so every row spends the same total training time
 PRESETS = {
     "fmnist-rf": {},
     "fmnist-vae": {},
@@ -43,7 +44,7 @@ PRESETS = {
     "fmnist-pixelcnn-tiles": {},
     "fmnist-dcgan": {},
     "fmnist-stylegan": {},
-    "fmnist-ldm": {"model.autoencoder": "fmnist-autoencoder"},
+    "fmnist-ldm": {"model.autoencoder": ("fmnist-autoencoder", 0.5)},
 }
 
 
@@ -128,12 +129,12 @@ def main() -> None:
     for preset in args.presets:
         needs = PRESETS.get(preset, {})
         try:
-            extra, spent = [], 0.0
-            for key, dep in needs.items():
-                dep_run, s = train(dep, work, args.minutes, [])
+            extra, spent, share_left = [], 0.0, 1.0
+            for key, (dep, share) in needs.items():
+                dep_run, s = train(dep, work, share * args.minutes, [])
                 extra += [f"--{key}", str(dep_run)]
-                spent += s
-            run, s = train(preset, work, args.minutes, extra)
+                spent, share_left = spent + s, share_left - share
+            run, s = train(preset, work, share_left * args.minutes, extra)
             row = {"preset": preset, "train_seconds_total": round(spent + s, 1), **measure(run, args)}
         except (RuntimeError, subprocess.SubprocessError) as e:
             row = {"preset": preset, "error": str(e)}
