@@ -63,6 +63,11 @@ def run(args, rest) -> int:
             if args.nll_k < 1:
                 raise UsageError(f"--nll-k must be >= 1, got {args.nll_k}")
             opts["k"] = args.nll_k
+        flags = {"n_t": "--nll-t", "k": "--nll-k"}
+        for key in opts:
+            if key not in caps.nll_options and (key != "n_t" or args.nll_t is not None):
+                takes = ", ".join(flags.get(o, o) for o in caps.nll_options) or "no options"
+                raise UsageError(f"{flags[key]} does not apply to {r.family.name} runs (their --nll takes: {takes})")
         if "n_t" in opts:  # the ELBO evaluates n_t noised copies of each image at once: keep a call near 2048 rows
             args.nll_batch = min(args.nll_batch, max(1, 2048 // opts["n_t"]))
         result = evaluate_nll(r, methods=methods, n=args.nll_n, n_slow=args.nll_n_slow, seed=args.seed, batch_size=args.nll_batch,

@@ -102,7 +102,7 @@ def sample_hook(family, dataset, run_dir: Path):
 
     def on_sample(tr) -> None:
         if family.capabilities().generate:
-            n = 64 if family.data.images else 2000
+            n = family.preview_count()
             k = family.data.conditional_classes
             y = torch.arange(n) % k if k else None
             x = family.sample(tr.sampling_modules(), n, seed=0, y=y)

@@ -13,7 +13,7 @@ from .common import UsageError, check_out
 def add_parser(sub) -> None:
     t = sub.add_parser("traverse", help="latent traversal grid (VAE-style runs)", description=__doc__.split(":", 1)[1].strip())
     t.add_argument("run", help="run folder")
-    t.add_argument("--dims", type=int, nargs="+", help="latent dimensions, one row each (default: the first 8)")
+    t.add_argument("--dims", type=int, nargs="+", help="latent dimensions, one row each (default: the family's, e.g. the first 8)")
     t.add_argument("--range", dest="span", type=float, default=3.0, help="sweep each dim over [-range, range] (default 3)")
     t.add_argument("--n", type=int, default=9, help="images per row (default 9)")
     t.add_argument("--index", type=int, default=0, help="held-out example whose posterior mean fixes the other dims")
@@ -39,8 +39,9 @@ def run(args, rest) -> int:
     ref = reference_set(r.cfg, args.index + 1)
     if args.index >= len(ref.x):
         raise UsageError(f"--index {args.index} is beyond the {len(ref.x)} held-out examples")
-    dims = args.dims if args.dims else list(range(8))
-    x = r.family.traverse(r.modules, ref.x[args.index : args.index + 1], dims, args.span, args.n)
+    x = r.family.traverse(r.modules, ref.x[args.index : args.index + 1], args.dims, args.span, args.n)
+    rows = x.shape[0] // args.n
+    dims = args.dims or list(range(rows))  # the family's default: its first latents
     out = Path(args.out or Path(args.run) / "traversal.png")
     save_samples(x, out, nrow=args.n, title=f"dims {dims}, range ±{args.span}")
     print(json.dumps({"out": str(out), "dims": dims, "range": args.span, "n": args.n}))

@@ -360,6 +360,10 @@ class Family:
         x = torch.cat(outs)
         return x.clamp(-1, 1) if self.data.images else x
 
+    def preview_count(self) -> int:
+        """Samples in the grid the trainer draws (a slow sequential sampler may ask for fewer)."""
+        return 64 if self.data.images else 2000
+
     def sample_batch_size(self, **options) -> int:
         """Rows per :meth:`sample_batch` call (memory bound, not a result-changing choice)."""
         return 256 if self.data.images else 4096

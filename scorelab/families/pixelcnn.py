@@ -103,6 +103,10 @@ class PixelCNNFamily(Family):
         """Classes the model is conditioned on (0: unconditional)."""
         return self.data.conditional_classes
 
+    def preview_count(self) -> int:
+        """16 samples in the training grid: sequential sampling costs one network call per subpixel (or tile)."""
+        return 16
+
     def capabilities(self) -> Capabilities:
         return dataclasses.replace(self.declared, conditional=bool(self.num_classes))
 
