@@ -57,12 +57,10 @@ False. Latent diffusion (:mod:`scorelab.families.latent`) opens a run of this fa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gan import discriminator_loss, generator_loss
@@ -71,12 +69,11 @@ from ..quantize import to_uint8
 from ..train.config import ConfigError
 from ..random import randn
 from ..vae import kl_standard_normal
-from .base import Capabilities, Family, OptimizerSpec, register
+from .base import Capabilities, Family, OptimizerSpec, check_optimizer_overrides, register
 
 __all__ = ["AutoencoderConfig", "AutoencoderFamily", "adaptive_weight", "lenet_perceptual_distance", "RECONSTRUCTIONS"]
 
 RECONSTRUCTIONS = ("l1", "l2")
-OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerSpec) if f.name != "modules")
 PSNR_MAX_DB = 80.0  # per-image PSNR cap: a perfect reconstruction (MSE 0) counts as 80 dB
 GRID_PAIRS = 32  # originals (with their reconstructions) in reconstructions.png
 
@@ -112,14 +109,7 @@ class AutoencoderConfig:
         if not isinstance(self.disc_start, int) or isinstance(self.disc_start, bool) or self.disc_start < 0:
             raise ConfigError(f"model.disc_start must be an integer >= 0, got {self.disc_start!r}")
         for name in ("optim_ae", "optim_d"):
-            opts = getattr(self, name)
-            unknown = sorted(set(opts) - set(OPTIMIZER_FIELDS))
-            if unknown:
-                raise ConfigError(f"unknown key model.{name}.{unknown[0]} (known: {', '.join(OPTIMIZER_FIELDS)})")
-            try:
-                OptimizerSpec(modules=("check",), **opts)  # the values alone; train.* fills the rest later
-            except (ConfigError, TypeError, ValueError) as e:
-                raise ConfigError(f"model.{name}: {e}") from None
+            check_optimizer_overrides(getattr(self, name), f"model.{name}")
 
     @property
     def adversarial(self) -> bool:

@@ -75,7 +75,7 @@ from ..random import generators_for_seeds
 from ..train.config import ConfigError, from_dict
 
 __all__ = ["Family", "Capabilities", "DataSpec", "OptimizerSpec", "CapabilityError", "RunLike", "register", "FAMILIES",
-           "family_class", "SCHEDULES"]
+           "family_class", "SCHEDULES", "OPTIMIZER_FIELDS", "check_optimizer_overrides"]
 
 FAMILIES: dict[str, type["Family"]] = {}  # registry name -> Family subclass (filled by @register)
 SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules after warm-up
@@ -203,6 +203,23 @@ class OptimizerSpec:
         lo = self.min_lr_ratio
         decay = lo + (1 - lo) * (0.5 * (1 + math.cos(math.pi * frac)) if self.schedule == "cosine" else 1 - frac)
         return self.lr * w * decay
+
+
+OPTIMIZER_FIELDS = ("lr", "betas", "weight_decay", "warmup", "schedule", "min_lr_ratio", "grad_clip")  # OptimizerSpec's, but modules
+
+
+def check_optimizer_overrides(opts, where: str) -> None:
+    """ConfigError naming ``where.<key>`` unless ``opts`` (e.g. ``model.optim_d``) holds valid
+    :class:`OptimizerSpec` fields; the ones it leaves out come from ``train.*`` later."""
+    if not isinstance(opts, Mapping):
+        raise ConfigError(f"{where} must be a mapping of optimizer settings, got {opts!r}")
+    unknown = sorted(set(opts) - set(OPTIMIZER_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(OPTIMIZER_FIELDS)})")
+    try:
+        OptimizerSpec(modules=("check",), **opts)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -71,12 +71,10 @@ from ..gan import GAN_LOSSES, discriminator_terms, generator_terms, lazy_r1_scal
 from ..nets.gan import DISCRIMINATORS, GENERATORS, StyleGANGenerator, build_discriminator, build_generator, random_crossover, truncate
 from ..random import generators_for_seeds, randn
 from ..train.config import ConfigError
-from .base import Capabilities, CapabilityError, Family, OptimizerSpec, register
+from .base import Capabilities, CapabilityError, Family, OptimizerSpec, check_optimizer_overrides, register
 
-__all__ = ["GANConfig", "GANFamily", "OPTIMIZER_FIELDS"]
+__all__ = ["GANConfig", "GANFamily"]
 
-# fields of model.optim_g / model.optim_d (OptimizerSpec's, without its modules)
-OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerSpec) if f.name != "modules")
 MIXTURE_DATA = "8gaussians"  # the dataset whose modes monitor() and evaluate() count
 COVERAGE_SAMPLES = 2000  # samples evaluate() draws for the mode coverage
 COVERAGE_SHARE = 0.1  # a mode is covered with at least this fraction of its fair share of the samples
@@ -128,16 +126,7 @@ class GANConfig:
         if not 0 <= self.truncation <= 1:
             raise ConfigError(f"model.truncation must be in [0, 1], got {self.truncation}")
         for name in ("optim_g", "optim_d"):
-            opts = getattr(self, name)
-            unknown = sorted(set(opts) - set(OPTIMIZER_FIELDS))
-            if unknown:
-                raise ConfigError(f"unknown key model.{name}.{unknown[0]} (known: {', '.join(OPTIMIZER_FIELDS)})")
-            try:
-                OptimizerSpec(modules=("check",), **opts)  # the values alone; train.* fills the rest later
-            except ConfigError as e:
-                raise ConfigError(f"model.{name}: {e}") from None
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"model.{name}: {e}") from None
+            check_optimizer_overrides(getattr(self, name), f"model.{name}")
 
 
 @register

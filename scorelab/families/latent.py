@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ..random import randn
 from ..train.config import ConfigError
-from .base import Capabilities, CapabilityError, register
+from .base import CapabilityError, register
 from .autoencoder import _unwrap
 from .diffusion import SAMPLE_OPTIONS, DiffusionConfig, DiffusionFamily
 
