@@ -82,6 +82,7 @@ __all__ = [
     "DETERMINISTIC",
     "nfe_per_step",
     "count_nfe",
+    "steps_for_nfe",
     "default_sampler",
     "check_combination",
     "sample",
@@ -1027,6 +1028,9 @@ def check_combination(path: Path, sampler: str, grid: str, **opts) -> str | None
     if sampler == "heun" and (kind == "vp" or (kind == "rf" and grid not in ("uniform", "shift"))):
         return ("Heun in the path's own time is stiff here (sigma' ~ 1/sqrt(t) near t = 0 on VP paths) and its error "
                 "is not monotone in NFE; use 'heun_edm' (Heun in sigma/alpha) or a multistep sampler")
+    if sampler in ("euler", "heun") and isinstance(path, VE):
+        return (f"{sampler} in the VE path's own time t = log(sigma / sigma_min) / log(sigma_max / sigma_min) takes steps "
+                "proportional to sigma and its error is erratic at small NFE; use 'ddim' or 'heun_edm' (sigma-space)")
     if grid == "karras" and isinstance(path, SubVP):
         return "sub-VP reaches sigma/alpha = 1e-4 at t_min and the Karras grid spends most steps there"
     if grid == "karras" and kind == "rf":
