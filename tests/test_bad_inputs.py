@@ -376,7 +376,7 @@ CASES = [
     ("eval n 0", lambda c: ["eval", R(c), "--n", "0"], "--n must be >= 1, got 0"),
     ("eval nll-t 0", lambda c: ["eval", R(c), "--nll", "--nll-t", "0"], "--nll-t must be >= 1"),
     ("eval nll-k 0", lambda c: ["eval", R(c), "--nll", "--nll-k", "0"], "--nll-k must be >= 1"),
-    ("eval nll-k on diffusion", lambda c: ["eval", R(c), "--nll", "--nll-k", "4"], "--k does not apply"),
+    ("eval nll-k on diffusion", lambda c: ["eval", R(c), "--nll", "--nll-k", "4"], "--nll-k does not apply"),
     ("eval nll method bogus", lambda c: ["eval", R(c), "--nll", "--nll-method", "bogus"], "--nll-method 'bogus'"),
     ("eval nll-batch 0", lambda c: ["eval", R(c), "--nll", "--nll-batch", "0"], "--nll-batch must be >= 1"),
     ("eval nll-n -1", lambda c: ["eval", R(c), "--nll", "--nll-n", "-1"], "--nll-n must be >= 0"),
