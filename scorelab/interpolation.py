@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "DETERMINISTIC_SAMPLERS", "lerp", "slerp", "interpolate_noise"]
+__all__ = ["MODES", "lerp", "slerp", "interpolate_noise"]
 
 MODES = ("linear", "spherical")
-# samplers that map a start noise to one sample with no fresh randomness (ddim only with eta = 0)
-DETERMINISTIC_SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m")
+# the samplers that map a start noise to one sample are scorelab.samplers.DETERMINISTIC
 
 
 def _weights(s, z: Tensor) -> Tensor:

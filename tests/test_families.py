@@ -276,3 +276,31 @@ def test_optimizer_spec_schedules():
         OptimizerSpec(modules=("a",), schedule="step")
     with pytest.raises(ValueError, match="at least one module"):
         OptimizerSpec(modules=())
+
+
+def test_sampler_auto_is_the_paths_default_and_equal_to_naming_it(tiny_runs, tmp_path):
+    """A diffusion config that names no sampler resolves to samplers.default_sampler (recorded in
+    the run's config); ``--sampler auto`` draws exactly what naming unipc on logsnr_x0 draws."""
+    from scorelab.families.diffusion import DiffusionConfig, resolve_sampler
+    from scorelab.paths import make_path
+    from scorelab.runs import open_run
+    from scorelab.samplers import default_sampler
+
+    cfg = DiffusionConfig(path="vp")
+    assert (cfg.sampler, cfg.grid) == ("auto", "auto")
+    resolve_sampler(cfg, make_path("vp"))
+    d = default_sampler(make_path("vp"))
+    assert (cfg.sampler, cfg.grid) == (d["sampler"], d["grid"]) == ("unipc", "logsnr_x0")
+
+    run = open_run(str(tiny_runs["diffusion"]))
+    fam, mods = run.family, run.modules
+    auto = fam.sample(mods, 6, seed=3, sampler="auto", grid="auto", steps=4)
+    named = fam.sample(mods, 6, seed=3, sampler="unipc", grid="logsnr_x0", steps=4)
+    assert torch.equal(auto, named)
+    for grid in ("auto", None):
+        a = fam._sampler_args(mods, "auto", None, grid, None, None)
+        assert (a["sampler"], a["grid"], a["steps"]) == ("unipc", "logsnr_x0", fam.cfg.sampling_steps)
+    ddim = DiffusionConfig(path="vp", sampler="ddim")  # grid auto: the default grid, as samplers.sample(grid=None)
+    resolve_sampler(ddim, make_path("vp"))
+    assert (ddim.sampler, ddim.grid) == ("ddim", "logsnr_x0")
+    assert fam._sampler_args(mods, None, None, None, None, None)["sampler"] == fam.cfg.sampler == "euler"  # the run's own

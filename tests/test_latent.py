@@ -171,7 +171,7 @@ def test_latent_diffusion_with_the_exact_latent_denoiser_reproduces_the_data_mix
     1/s (a scale that does not commute with the map) must fail the same check."""
     dim, n = 4, 2000
     mix = _mixture(dim)
-    fam, ae = _latent_family(dim, path="rf", prediction="velocity", sampler="heun", sampling_steps=30)
+    fam, ae = _latent_family(dim, path="rf", prediction="velocity", sampler="heun", grid="uniform", sampling_steps=30)
     mods = fam.modules()
     # the scale: measured on the first training batch by the family's own training step
     x_train = mix.sample(512, torch.Generator().manual_seed(2)).float()

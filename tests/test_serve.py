@@ -166,13 +166,13 @@ def test_sample_png_is_the_familys_samples_on_a_grid(client, runs):
     from scorelab.runs import open_run
     from scorelab.viz import image_grid
 
-    body = {"run": "img", "n": 6, "seed": 5, "class": ["Trouser", 7], "steps": 2, "sampler": "heun", "scale": 2}
+    body = {"run": "img", "n": 6, "seed": 5, "class": ["Trouser", 7], "steps": 2, "sampler": "dpmpp_2m", "scale": 2}
     r = client.post("/api/sample", json=body)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
     got = png_array(r.content)
     run = open_run(runs / "img")
     y = torch.tensor([1, 1, 1, 7, 7, 7])
-    x = run.family.sample(run.modules, 6, seed=5, y=y, steps=2, sampler="heun")
+    x = run.family.sample(run.modules, 6, seed=5, y=y, steps=2, sampler="dpmpp_2m")
     want = image_grid(x, nrow=3).repeat(2, 0).repeat(2, 1)
     assert got.shape == want.shape == ((2 * 30 + 2) * 2, (3 * 30 + 2) * 2)
     # the same weights and noise in a separate process-free call: equal up to float rounding of to_uint8

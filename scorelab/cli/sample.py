@@ -20,7 +20,7 @@ SAMPLE_FLAGS = ("sampler", "steps", "grid", "cfg", "classifier", "classifier_sca
 
 def add_sampling_flags(p, *, n_default: int = 64) -> None:
     """The flags shared by sample and eval (each passed to the family only when given)."""
-    p.add_argument("--sampler", help="sampler name (diffusion and energy runs; default: the run's)")
+    p.add_argument("--sampler", help="sampler name (diffusion and energy runs; default: the run's; auto: the path's default, unipc on logsnr_x0)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
     p.add_argument("--grid", help="time grid: uniform karras logsnr shift (diffusion runs)")
     p.add_argument("--cfg", type=float, metavar="W", help="classifier-free guidance weight w: (1 + w) v_y - w v_null "

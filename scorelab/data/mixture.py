@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..paths import Coefficients, Path, broadcast_to
+from ..paths import Path
 from ..random import Generator, rand, randn
 from ..targets import Prediction, as_time_batch, registered_time
 

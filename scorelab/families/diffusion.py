@@ -37,9 +37,9 @@ class DiffusionConfig:
     time_sampler_options: dict = field(default_factory=dict)  # e.g. {location: 0, scale: 1}
     net: str = "unet"  # network registry name: unet mlp
     net_options: dict = field(default_factory=dict)  # the net's config fields
-    sampler: str = "euler"  # default sampler for grids, `scorelab sample` and `eval`
+    sampler: str = "auto"  # default sampler for grids, `scorelab sample` and `eval` (auto: the path's, samplers.default_sampler)
     sampling_steps: int = 20  # default number of sampler steps
-    grid: str = "uniform"  # default time grid: uniform karras logsnr shift
+    grid: str = "auto"  # default time grid: uniform karras logsnr logsnr_x0 shift (auto: the default sampler's)
     grid_options: dict = field(default_factory=dict)  # e.g. {shift: 3} or {rho: 7}
     sampler_options: dict = field(default_factory=dict)  # e.g. {n_steps_each: 100} for annealed_langevin
     label_dropout: float = 0.0  # probability of replacing a label by the null label in training
@@ -75,6 +75,29 @@ class DiffusionConfig:
         check_path_fields(self)
 
 
+AUTO = "auto"  # model.sampler / model.grid: the path's default (scorelab.samplers.default_sampler)
+
+
+def resolve_sampler(cfg, path) -> None:
+    """Replace ``auto`` in ``cfg.sampler`` / ``cfg.grid`` by names, so every later reader sees one:
+    the path's default sampler and grid (:func:`scorelab.samplers.default_sampler`), the rule of
+    :func:`scorelab.samplers.sample` called with ``sampler=None`` / ``grid=None``."""
+    cfg.sampler, cfg.sampler_options, cfg.grid, cfg.grid_options = auto_sampler(
+        path, cfg.sampler, cfg.sampler_options, cfg.grid, cfg.grid_options)
+
+
+def auto_sampler(path, sampler, sampler_options, grid, grid_options) -> tuple:
+    """``(sampler, sampler_options, grid, grid_options)`` with ``auto`` resolved (:func:`resolve_sampler`)."""
+    from ..samplers import default_sampler
+
+    d = default_sampler(path)
+    if sampler == AUTO:
+        sampler, sampler_options = d["sampler"], {**d["options"], **(sampler_options or {})}
+    if grid == AUTO:
+        grid, grid_options = d["grid"], {**d["grid_opts"], **(grid_options or {})}
+    return sampler, sampler_options, grid, grid_options
+
+
 def check_model_fields(cfg) -> None:
     """ConfigError for a bad ``net``, ``sampler``, ``grid``, ``sampler_options``, ``sampling_steps``
     or ``label_dropout``: the fields every denoising-model config (diffusion, vdm) shares."""
@@ -83,17 +106,23 @@ def check_model_fields(cfg) -> None:
 
     if cfg.net not in NETS:
         raise ConfigError(f"model.net {cfg.net!r} is unknown: expected one of {', '.join(NETS)}")
-    if cfg.sampler not in SAMPLERS:
-        raise ConfigError(f"model.sampler {cfg.sampler!r} is unknown: expected one of {', '.join(SAMPLERS)}")
-    if cfg.grid not in GRIDS:
-        raise ConfigError(f"model.grid {cfg.grid!r} is unknown: expected one of {', '.join(GRIDS)}")
+    if cfg.sampler != AUTO and cfg.sampler not in SAMPLERS:
+        raise ConfigError(f"model.sampler {cfg.sampler!r} is unknown: expected auto or one of {', '.join(SAMPLERS)}")
+    if cfg.grid != AUTO and cfg.grid not in GRIDS:
+        raise ConfigError(f"model.grid {cfg.grid!r} is unknown: expected auto or one of {', '.join(GRIDS)}")
     if not isinstance(cfg.sampler_options, dict):
         raise ConfigError(f"model.sampler_options must be a mapping, got {cfg.sampler_options!r}")
-    _check_keywords("sampler_options", cfg.sampler_options, SAMPLERS[cfg.sampler], f"sampler {cfg.sampler!r}",
-                    ("denoiser", "x", "ts", "generator", "callback", "cond"))
+    if cfg.sampler_options and cfg.sampler == AUTO:
+        raise ConfigError("model.sampler_options need a named model.sampler (auto picks the path's default sampler)")
+    if cfg.sampler != AUTO:
+        _check_keywords("sampler_options", cfg.sampler_options, SAMPLERS[cfg.sampler], f"sampler {cfg.sampler!r}",
+                        ("denoiser", "x", "ts", "generator", "callback", "cond"))
     if not isinstance(cfg.grid_options, dict):
         raise ConfigError(f"model.grid_options must be a mapping, got {cfg.grid_options!r}")
-    _check_keywords("grid_options", cfg.grid_options, GRIDS[cfg.grid], f"grid {cfg.grid!r}", ("path", "n"))
+    if cfg.grid_options and cfg.grid == AUTO:
+        raise ConfigError("model.grid_options need a named model.grid (auto picks the default sampler's grid)")
+    if cfg.grid != AUTO:
+        _check_keywords("grid_options", cfg.grid_options, GRIDS[cfg.grid], f"grid {cfg.grid!r}", ("path", "n"))
     if cfg.sampling_steps < 1:
         raise ConfigError(f"model.sampling_steps must be >= 1, got {cfg.sampling_steps}")
     if not 0 <= cfg.label_dropout < 1:
@@ -147,6 +176,7 @@ class DiffusionFamily(Family):
 
     def build(self) -> None:
         self.path = make_path(self.cfg.path, **self.cfg.path_options)
+        resolve_sampler(self.cfg, self.path)
         self.time_sampler = make_time_sampler(self.cfg.time_sampler, **self.cfg.time_sampler_options)
         try:
             self.net = build_net(self.cfg.net, self.cfg.net_options, self.model_shape, self.data.conditional_classes)
@@ -240,8 +270,13 @@ class DiffusionFamily(Family):
             den = ClassifierGuidance(den, clf.classifier(classifier.modules), classifier_scale, pass_label=bool(self.num_classes))
         return den
 
-    def _sampler_args(self, sampler, steps, grid, grid_options, sampler_options) -> dict:
+    def _sampler_args(self, modules, sampler, steps, grid, grid_options, sampler_options) -> dict:
         c = self.cfg
+        if sampler == AUTO and grid is None:  # --sampler auto alone: the default sampler on its own grid
+            grid = AUTO
+        if AUTO in (sampler, grid):  # --sampler auto / --grid auto
+            sampler, sampler_options, grid, grid_options = auto_sampler(
+                self.path_of(modules), sampler or c.sampler, sampler_options, grid, grid_options)
         # the config's sampler_options belong to the config's sampler: another sampler starts from its defaults
         own = sampler is None or sampler == c.sampler
         return dict(sampler=sampler or c.sampler, steps=steps or c.sampling_steps, grid=grid or c.grid,
@@ -255,7 +290,7 @@ class DiffusionFamily(Family):
 
         if steps is not None and steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
-        a = self._sampler_args(sampler, steps, grid, grid_options, sampler_options)
+        a = self._sampler_args(modules, sampler, steps, grid, grid_options, sampler_options)
         dev = x.device
         den = self.guided(self.denoiser(modules), y, cfg, classifier, classifier_scale)
         cond = {}
@@ -283,19 +318,24 @@ class DiffusionFamily(Family):
         gens = generators_for_seeds(list(seeds))
         return self.path_of(modules).prior_sample((len(gens), *self.model_shape), generator=gens, dtype=torch.float32)
 
-    def generate_from(self, modules, z: Tensor, space: str = "noise", y=None, **options) -> Tensor:
-        """Samples from given start noises ``z`` with a deterministic sampler (ddim runs with eta = 0)."""
-        from ..interpolation import DETERMINISTIC_SAMPLERS
+    def deterministic_samples(self, modules, z: Tensor, y=None, **options) -> Tensor:
+        """The model-space samples of start noises ``z`` under a deterministic sampler (ddim runs
+        with eta = 0); a stochastic one is a CapabilityError naming ``--sampler``."""
+        from ..samplers import DETERMINISTIC
 
         self.check_options("interpolate", options, ("sampler", "steps", "grid"))
-        sampler = options.get("sampler") or self.cfg.sampler
-        if sampler not in DETERMINISTIC_SAMPLERS:
+        sampler = self._sampler_args(modules, options.get("sampler"), None, None, None, None)["sampler"]
+        if sampler not in DETERMINISTIC:
             raise CapabilityError(f"sampler {sampler!r} is stochastic: interpolation needs a deterministic one "
-                                  f"({', '.join(DETERMINISTIC_SAMPLERS)}); pass --sampler")
+                                  f"({', '.join(DETERMINISTIC)}); pass --sampler")
         opts = {"eta": 0.0} if sampler == "ddim" else {}
-        x = self._run_sampler(modules, z.to(self.device_of(modules), torch.float32), None, y, sampler=sampler,
-                              steps=options.get("steps"), grid=options.get("grid"), sampler_options=opts)
-        return x.float().cpu().clamp(-1, 1) if self.data.images else x.float().cpu()
+        return self._run_sampler(modules, z.to(self.device_of(modules), torch.float32), None, y, sampler=sampler,
+                                 steps=options.get("steps"), grid=options.get("grid"), sampler_options=opts)
+
+    def generate_from(self, modules, z: Tensor, space: str = "noise", y=None, **options) -> Tensor:
+        """Samples from given start noises ``z`` with a deterministic sampler (:meth:`deterministic_samples`)."""
+        x = self.deterministic_samples(modules, z, y, **options).float().cpu()
+        return x.clamp(-1, 1) if self.data.images else x
 
     # --- likelihood ---------------------------------------------------------------------
     def nll(self, modules, x: Tensor, *, method: str = "elbo", seed: int = 0, y: Tensor | None = None,

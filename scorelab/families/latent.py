@@ -230,16 +230,7 @@ class LatentDiffusionFamily(DiffusionFamily):
 
     def generate_from(self, modules, z: Tensor, space: str = "noise", y=None, **options) -> Tensor:
         """Images from latent start noises ``z: (k, *latent_shape)`` with a deterministic sampler, decoded."""
-        from ..interpolation import DETERMINISTIC_SAMPLERS
-
-        self.check_options("interpolate", options, ("sampler", "steps", "grid"))
-        sampler = options.get("sampler") or self.cfg.sampler
-        if sampler not in DETERMINISTIC_SAMPLERS:
-            raise CapabilityError(f"sampler {sampler!r} is stochastic: interpolation needs a deterministic one "
-                                  f"({', '.join(DETERMINISTIC_SAMPLERS)}); pass --sampler")
-        opts = {"eta": 0.0} if sampler == "ddim" else {}
-        lat = self._run_sampler(modules, z.to(self.device_of(modules), torch.float32), None, y, sampler=sampler,
-                                steps=options.get("steps"), grid=options.get("grid"), sampler_options=opts)
+        lat = self.deterministic_samples(modules, z, y, **options)
         x = self.decode_latents(modules, lat).float().cpu()
         return x.clamp(-1, 1) if self.data.images else x
 

@@ -293,10 +293,11 @@ def create_app(runs_dir, *, limits: Limits | None = None, jobs: int = 1, queue: 
             precision="bf16" if fam.autocast_dtype is not None else "fp32",
         )
         if caps.interpolate:
-            from ..interpolation import DETERMINISTIC_SAMPLERS, MODES
+            from ..interpolation import MODES
+            from ..samplers import DETERMINISTIC
 
             info["interpolation"] = {"spaces": list(caps.interpolate), "modes": [*MODES, "both"],
-                                     "samplers": [s for s in DETERMINISTIC_SAMPLERS] if caps.denoiser else []}
+                                     "samplers": list(DETERMINISTIC) if caps.denoiser else []}
         return info
 
     @endpoint
