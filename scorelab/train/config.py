@@ -102,6 +102,7 @@ class TrainConfig:
     sample_every: int = 500  # steps between sample grids (0: only at the end)
     ckpt_every: int = 500  # steps between checkpoints (always at the end and on Ctrl-C)
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0: no limit
+    schedule_length: str = "budget"  # steps the lr schedule spans: "steps" (train.steps) or "budget" (with max_minutes and a decaying schedule: the steps measured to fit in it, at most train.steps)
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
     compile: bool = False  # torch.compile the networks
     nonfinite_skips: int = 3  # steps in a row whose update may be skipped for a non-finite loss or gradient before the run stops (0: stop at the first)
@@ -138,6 +139,8 @@ class TrainConfig:
             raise ConfigError(f"train.schedule must be constant, cosine or linear, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule_length not in ("steps", "budget"):
+            raise ConfigError(f"train.schedule_length must be steps or budget, got {self.schedule_length!r}")
 
 
 @dataclass

@@ -90,6 +90,7 @@ from .checkpoint import (
     temporary_name,
 )
 from .config import RunConfig
+from .horizon import BudgetHorizon
 
 __all__ = ["Trainer", "StepContext", "EMA", "resolve_device", "TrainingError", "DivergedError", "GracefulStop", "Interrupted",
            "DivergenceGuard", "EVENT_HOOK", "CKPT", "load_module_states", "dataset_tensors"]
@@ -371,6 +372,7 @@ class Trainer:
         self.guard = DivergenceGuard(self.tc.divergence_factor)
         self.step = 0
         self.elapsed = 0.0
+        self.horizon = BudgetHorizon(self.tc, self.specs)  # the steps the lr schedule spans
         self.saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
         self.stop_signal: int | None = None  # the signal that stopped fit() (None: it was not stopped by one)
         self._updates_this_step = 0
@@ -384,6 +386,10 @@ class Trainer:
             if self.step >= self.tc.steps:
                 raise TrainingError(f"run {self.run_dir} is at step {self.step} and train.steps is {self.tc.steps}: nothing "
                                     f"to train (raise it, e.g. --train.steps {max(2 * self.step, self.step + 1)})")
+            if self.step >= self.horizon.steps:
+                raise TrainingError(f"run {self.run_dir} is at step {self.step}, the end of its learning-rate schedule "
+                                    f"planned for train.max_minutes {self.tc.max_minutes:g}: nothing to train (raise "
+                                    "train.max_minutes, or train.schedule_length steps to span train.steps)")
         self._dry_run()
         self.precision = self._resolve_precision(cfg.resolved.get("precision") if resume else None)
         self.autocast_dtype = self.precision.dtype
@@ -513,7 +519,7 @@ class Trainer:
     def state_tensors(self) -> tuple[dict, dict]:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"step": self.step, "elapsed": self.elapsed, "family": self.family.name, "optimizers": {},
-                                "data": self.family.data.to_dict(), **self.extra_meta}
+                                "data": self.family.data.to_dict(), "horizon": self.horizon.state_dict(), **self.extra_meta}
         if hasattr(self, "precision"):
             meta["precision"] = self.precision.name
         for name, m in self.modules.items():
@@ -586,6 +592,7 @@ class Trainer:
         self.guard = guard
         self.step = int(meta["step"])
         self.elapsed = float(meta.get("elapsed", 0.0))
+        self.horizon.load_state_dict(meta.get("horizon"))
         self.saved_step = self.step
 
     # --- the run folder --------------------------------------------------------------------
@@ -700,7 +707,7 @@ class Trainer:
     def lr_at(self, step: int, optimizer: str = "main") -> float:
         """The learning rate of ``optimizer`` at ``step`` (its spec's warm-up and schedule)."""
         name = optimizer if optimizer in self.specs else next(iter(self.specs))
-        return self.specs[name].lr_at(step, self.tc.steps)
+        return self.specs[name].lr_at(step, self.horizon.steps)
 
     def batch_at(self, step: int) -> dict:
         """The batch of ``step``: epoch permutation seeded by (seed, epoch), then a slice."""
@@ -719,7 +726,7 @@ class Trainer:
             raise TrainingError(f"the family asked for optimizer {name!r}; it has {', '.join(self.optimizers)}")
         opt, spec = self.optimizers[name], self.specs[name]
         for g in opt.param_groups:
-            g["lr"] = spec.lr_at(self.step, self.tc.steps)
+            g["lr"] = spec.lr_at(self.step, self.horizon.steps)
         opt.zero_grad(set_to_none=True)
         value = float(loss.detach())
         if not math.isfinite(value):  # the guard: skip this update
@@ -860,7 +867,7 @@ class Trainer:
         status, save_at_end = "done", True
         start_step, t0 = self.step, time.perf_counter()
         elapsed0 = self.elapsed
-        bar = tqdm(total=self.tc.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc=self.cfg.name, unit="step")
+        bar = tqdm(total=self.horizon.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc=self.cfg.name, unit="step")
         for m in self.modules.values():
             m.train()
         window: dict[str, list[float]] = {}
@@ -893,7 +900,7 @@ class Trainer:
                 if self._should_stop():
                     status = "interrupted"
                     break
-                if self.step >= self.tc.steps:
+                if self.step >= self.horizon.steps:
                     break
                 if self.tc.max_minutes and (elapsed0 + time.perf_counter() - t0) > 60 * self.tc.max_minutes:
                     status = "time_limit"
@@ -906,18 +913,24 @@ class Trainer:
                     skipped[0] += 1
                 self.step += 1
                 self.elapsed = elapsed0 + time.perf_counter() - t0
+                if self.horizon.observe(self.step, self.elapsed):  # the budget's step count is now known
+                    bar.total = self.horizon.steps
+                    bar.refresh()
+                    print(f"schedule: {self.horizon.describe()}", file=sys.stderr)
+                    metrics_f.write(json.dumps({"step": self.step, "horizon": self.horizon.steps,
+                                                "seconds_per_step": self.horizon.seconds_per_step}) + "\n")
                 self._phase = f"step {self.step}"
                 self._judge_step(self.step)
-                if self.step % self.tc.log_every == 0 or self.step == self.tc.steps:
+                if self.step % self.tc.log_every == 0 or self.step == self.horizon.steps:
                     log_line()
                 bar.update(1)
                 every = self.family.monitor_every()
                 if every and self.step % every == 0:
                     self._monitor(metrics_f)
                 if (on_sample is not None and self.tc.sample_every and self.step % self.tc.sample_every == 0
-                        and self.step < self.tc.steps and not self._should_stop()):
+                        and self.step < self.horizon.steps and not self._should_stop()):
                     on_sample(self)
-                if self.tc.ckpt_every and self.step % self.tc.ckpt_every == 0 and self.step < self.tc.steps:
+                if self.tc.ckpt_every and self.step % self.tc.ckpt_every == 0 and self.step < self.horizon.steps:
                     if self.guard.alarm:
                         self._warn(f"step {self.step}: checkpoint deferred while the loss is exploding or non-finite")
                     else:
