@@ -447,6 +447,24 @@ class Family:
         """``n`` copies of the null label (``num_classes``) of a conditional model."""
         return torch.full((n,), self.data.conditional_classes, dtype=torch.long, device=device)
 
+    def sample_labels(self, n: int, generators, y: Tensor | None, device) -> Tensor | None:
+        """Labels for ``n`` samples of a model conditioned on ``data.conditional_classes`` classes:
+        ``y`` as given (checked), else one uniform draw from each example's generator; None for an
+        unconditional model (a CapabilityError if ``y`` was given)."""
+        k = self.data.conditional_classes
+        if not k:
+            if y is not None:
+                raise CapabilityError(f"--class given but this {self.name} run is unconditional")
+            return None
+        if y is None:
+            y = torch.cat([torch.randint(k, (1,), generator=g, device=g.device) for g in generators])
+        y = torch.as_tensor(y).long().reshape(-1).to(device)
+        if y.shape[0] != n:
+            raise ValueError(f"y must hold one label per sample: {y.shape[0]} labels for {n} samples")
+        if int(y.min()) < 0 or int(y.max()) >= k:
+            raise ValueError(f"labels must lie in 0..{k - 1}")
+        return y
+
     @staticmethod
     def device_of(modules: Mapping[str, nn.Module]) -> torch.device:
         for m in modules.values():

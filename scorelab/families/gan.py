@@ -241,21 +241,6 @@ class GANFamily(Family):
             raise ValueError(f"--truncation must be in [0, 1], got {psi}")
         return psi
 
-    def _labels(self, n: int, generators, y: Tensor | None, device) -> Tensor | None:
-        """Labels of a conditional model: ``y`` as given, else one uniform draw per example's generator."""
-        if not self.num_classes:
-            if y is not None:
-                raise CapabilityError("--class given but this GAN is unconditional")
-            return None
-        if y is None:
-            y = torch.cat([torch.randint(self.num_classes, (1,), generator=g, device=g.device) for g in generators])
-        y = torch.as_tensor(y).long().reshape(-1).to(device)
-        if y.shape[0] != n:
-            raise ValueError(f"y must hold one label per sample: {y.shape[0]} labels for {n} samples")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
-        return y
-
     @torch.no_grad()
     def sample_batch(self, modules, generators, y, truncation: float | None = None) -> Tensor:
         """One forward pass: ``z`` from each example's generator, then its label (conditional, no
@@ -265,7 +250,7 @@ class GANFamily(Family):
         psi = self._psi(truncation)
         n = len(generators)
         z = self._latents(n, generators, dev)
-        y = self._labels(n, generators, y, dev)
+        y = self.sample_labels(n, generators, y, dev)
         with self.autocast(dev):
             if self.style:
                 x = G(z, y, truncation_psi=psi, truncation_cutoff=self.cfg.truncation_cutoff or None, generator=generators)

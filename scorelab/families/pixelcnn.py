@@ -47,7 +47,7 @@ from ..nets.pixelcnn import (
 )
 from ..quantize import nats_to_bits_per_dim, to_model
 from ..train.config import ConfigError
-from .base import Capabilities, CapabilityError, Family, register
+from .base import Capabilities, Family, register
 
 __all__ = ["PIXELCNN_NETS", "PixelCNNFamily", "PixelCNNFamilyConfig"]
 
@@ -164,20 +164,6 @@ class PixelCNNFamily(Family):
         T = cfg.num_tiles
         return {"context": T, "head": T * (C * cfg.tile_size ** 2 if cfg.head == "autoregressive" else 1)}
 
-    def _sample_labels(self, n: int, generators, y: Tensor | None, device) -> Tensor | None:
-        if not self.num_classes:
-            if y is not None:
-                raise CapabilityError("--class given but this PixelCNN is unconditional")
-            return None
-        if y is None:
-            y = torch.cat([torch.randint(self.num_classes, (1,), generator=g, device=g.device) for g in generators])
-        y = torch.as_tensor(y).long().reshape(-1).to(device)
-        if y.shape[0] != n:
-            raise ValueError(f"y must hold one label per sample: {y.shape[0]} labels for {n} samples")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
-        return y
-
     @torch.no_grad()
     def sample_batch(self, modules, generators, y, temperature: float | None = None, callback=None) -> Tensor:
         """Raster-order (gated) or tile-order (tiles) ancestral sampling; (n, C, H, W) model space.
@@ -189,7 +175,7 @@ class PixelCNNFamily(Family):
             raise ValueError(f"--temperature must be >= 0, got {T}")
         net, dev = modules["net"], self.device_of(modules)
         n = len(generators)
-        labels = self._sample_labels(n, generators, y, dev)
+        labels = self.sample_labels(n, generators, y, dev)
         bar = sys.stderr.isatty()
         with self.autocast(dev):
             if self.cfg.net == "gated":

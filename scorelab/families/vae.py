@@ -314,19 +314,6 @@ class VAEFamily(Family):
         return nats / (self.data.dim * math.log(2)) if self.data.images else nats
 
     # --- sampling -----------------------------------------------------------------------
-    def _sample_labels(self, n: int, generators, y: Tensor | None, device) -> Tensor | None:
-        if not self.num_classes:
-            if y is not None:
-                raise CapabilityError("--class given but this VAE is unconditional")
-            return None
-        if y is None:
-            y = torch.cat([torch.randint(self.num_classes, (1,), generator=g, device=g.device) for g in generators])
-        y = torch.as_tensor(y).long().reshape(-1).to(device)
-        if y.shape[0] != n:
-            raise ValueError(f"y must hold one label per sample: {y.shape[0]} labels for {n} samples")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
-        return y
 
     def _decode_images(self, modules, z: Tensor, y: Tensor | None, generators=None, mode: str = "mean") -> Tensor:
         """Decoder means (``mode="mean"``) or draws of ``p(x|z)`` of latents ``z: (n, L)``: (n, *shape)."""
@@ -354,7 +341,7 @@ class VAEFamily(Family):
         dev = self.device_of(modules)
         n = len(generators)
         z = T * randn((n, self.latent_dim), generator=generators, device=dev)
-        labels = self._sample_labels(n, generators, y, dev)
+        labels = self.sample_labels(n, generators, y, dev)
         return self._decode_images(modules, z, labels, generators, self.cfg.sample_mode)
 
     # --- interpolation ------------------------------------------------------------------
