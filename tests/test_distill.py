@@ -464,6 +464,13 @@ def test_students_sample_what_they_were_distilled_for_and_refuse_the_rest(runs, 
     ):
         assert main(["sample", *args, "--n", "4", "--out", out]) == 2, args
         assert words in _err(capsys), args
+    for args, words in (  # eval refuses the same requests before sampling anything
+        ([pd, "--steps", "8"], "distilled for at most 4 steps"),
+        ([cd, "--cfg", "2"], "needs a class-conditional model"),
+        ([ct, "--steps", "9"], "samples with 1..8 steps"),
+    ):
+        assert main(["eval", *args, "--n", "4"]) == 2, args
+        assert words in _err(capsys), args
     for r, steps in ((cd, "5"), (ct, "8"), (pd, "4")):
         assert main(["sample", r, "--steps", steps, "--n", "4", "--out", out]) == 0
     # the CD target network is its own checkpointed module, an EMA of the student (not the student)
