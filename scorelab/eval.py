@@ -190,17 +190,19 @@ class EvalContext:
         return out
 
 
-def _sample_with_progress(run, n: int, seed: int, bar, options: dict) -> Tensor:
+def _sample_with_progress(run, n: int, seed: int, bar, options: dict, y: Tensor | None = None) -> Tensor:
     fam, bs = run.family, run.family.sample_batch_size(**options)
     parts = []
     for i in range(0, n, bs):
         k = min(bs, n - i)
-        parts.append(fam.sample(run.modules, k, seed=seed + i, **options))  # seed + i: the same samples as one call
+        yi = None if y is None else y[i : i + k]
+        parts.append(fam.sample(run.modules, k, seed=seed + i, y=yi, **options))  # seed + i: the same samples as one call
         bar.update(k)
     return torch.cat(parts)
 
 
-def evaluate(run, *, n: int = 1000, n_real: int = 0, seed: int = 0, progress: bool = True, **sample_options) -> dict:
+def evaluate(run, *, n: int = 1000, n_real: int = 0, seed: int = 0, progress: bool = True, y: Tensor | None = None,
+             **sample_options) -> dict:
     """Metrics of ``run`` against its held-out reference set, by what the family can do.
 
     Generative families: ``n`` samples (``sample_options`` as for ``Family.sample``) scored by
@@ -219,7 +221,7 @@ def evaluate(run, *, n: int = 1000, n_real: int = 0, seed: int = 0, progress: bo
             raise ValueError(f"--n must be >= 1, got {n}")
         t0 = time.perf_counter()
         with ctx.bar(n, "sampling") as bar:
-            x = _sample_with_progress(run, n, seed, bar, sample_options)
+            x = _sample_with_progress(run, n, seed, bar, sample_options, y)
         result.update({"n": n, **{k: v for k, v in sample_options.items() if isinstance(v, (int, float, str))},
                        "sampling_seconds": round(time.perf_counter() - t0, 3)})
         if not torch.isfinite(x).all():

@@ -121,3 +121,29 @@ def test_preset_sampler_options_stay_with_their_sampler():
     a = fam.sample(mods, 8, seed=0)
     b = fam.sample(mods, 8, seed=0, sampler="dpmpp_2m", steps=3, grid="karras")
     assert a.shape == b.shape == (8, 2) and torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+def test_eval_of_a_guided_conditional_run_is_class_balanced_or_the_given_classes(runs, capsys, monkeypatch):
+    """`eval --cfg W` on a class-conditional run samples every class evenly (it needed a --class
+    that eval did not have); `--class` splits the samples between the given classes."""
+    import scorelab.families.base as base
+
+    seen = []
+    real = base.Family.sample
+
+    def spy(self, modules, n, *, seed=0, y=None, **options):
+        seen.append((None if y is None else y.tolist(), options.get("cfg")))
+        return real(self, modules, n, seed=seed, y=y, **options)
+
+    monkeypatch.setattr(base.Family, "sample", spy)
+    code, out, err = run(["eval", runs["img"], "--n", "20", "--steps", "1", "--cfg", "2"], capsys)
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["labels"] == "class-balanced over 10 classes" and res["cfg"] == 2
+    ys = [v for y, w in seen for v in y]
+    assert ys == [i % 10 for i in range(20)] and {w for _, w in seen} == {2.0}
+    seen.clear()
+    code, out, err = run(["eval", runs["img"], "--n", "6", "--steps", "1", "--class", "Trouser", "7"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["labels"] == [1, 7]
+    assert [v for y, _ in seen for v in y] == [1, 1, 1, 7, 7, 7]

@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
     e.add_argument("run", help="run folder")
     e.add_argument("--n", type=int, default=1000, help="number of generated samples (default 1000)")
     e.add_argument("--n-real", type=int, default=0, help="number of held-out examples (default: all)")
+    e.add_argument("--class", dest="classes", nargs="+", help="class label(s) (index or name) of a conditional run: the "
+                   "samples are split evenly between them (default with --cfg: every class, evenly)")
     add_sampling_flags(e)
     e.add_argument("--nll", action="store_true", help="instead: negative log-likelihood of held-out examples "
                    "(bits/dim for images, nats for points), with the time each method took")
@@ -28,6 +30,23 @@ def add_parser(sub) -> None:
     e.add_argument("--nll-t", type=int, help="times per example of a diffusion ELBO (default 64)")
     e.add_argument("--nll-k", type=int, help="importance samples of a VAE's IWAE bound (k = 1: the ELBO)")
     e.add_argument("--nll-batch", type=int, default=64, help="batch size for --nll (default 64)")
+
+
+def eval_labels(classes, r, n: int, opts: dict):
+    """``(y, description)`` of an evaluation's labels: the ``--class`` list split evenly over the
+    ``n`` samples; with ``--cfg`` and no ``--class`` on a conditional run every class evenly
+    (label ``i mod K``); else ``(None, None)`` (the family's own default)."""
+    import torch
+
+    from .sample import labels_for
+
+    if classes:
+        y, given = labels_for(classes, r, n, opts)
+        return y, [int(c) for c in given]
+    k = r.family.data.conditional_classes
+    if "cfg" in opts and k:
+        return torch.arange(n) % k, f"class-balanced over {k} classes"
+    return None, None
 
 
 def run(args, rest) -> int:
@@ -74,7 +93,11 @@ def run(args, rest) -> int:
                               progress=tty(), **opts)
         name = "eval_nll.json"
     else:
-        result = evaluate(r, n=args.n, n_real=args.n_real, seed=args.seed, progress=tty(), **sampling_options(args, r.family))
+        opts = sampling_options(args, r.family)
+        y, labels = eval_labels(args.classes, r, args.n, opts)
+        result = evaluate(r, n=args.n, n_real=args.n_real, seed=args.seed, progress=tty(), y=y, **opts)
+        if labels is not None:
+            result["labels"] = labels
         name = "eval.json"
     atomic_write_text(Path(args.run) / name, json.dumps(result, indent=2))
     print(json.dumps(result))
