@@ -411,6 +411,14 @@ class Trainer:
         if self.comm is not None:
             self._wrap_modules()
 
+    @property
+    def synchronised(self) -> dict[str, str]:
+        """How each trained module's gradients are averaged over the ranks under torchrun: ``ddp``
+        (DistributedDataParallel around it) or ``all-reduce`` (one all-reduce after each backward).
+        A module not listed (frozen, or without trainable parameters) is replicated, not
+        synchronised. Empty in one process."""
+        return {**{k: "ddp" for k in self._wrapped}, **{k: "all-reduce" for k in sorted(self._reduced_after)}}
+
     def _validate(self) -> None:
         """Load the resumed checkpoint and run the dry step (on every rank)."""
         if self.resume:
