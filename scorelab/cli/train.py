@@ -242,8 +242,9 @@ def _run(args, rest) -> int:
         if main:
             procs = ""
             if trainer.world > 1:
+                sync = ", ".join(f"{k} {how}" for k, how in trainer.synchronised.items()) or "none"
                 procs = (f", {trainer.world} processes x {trainer.local_batch} of the global batch {cfg.train.batch_size}"
-                         f" ({trainer.comm.backend})")
+                         f" ({trainer.comm.backend}; gradients averaged: {sync})")
             if trainer.resumed_world and trainer.resumed_world != trainer.world:
                 procs += f"; the checkpoint was written by {trainer.resumed_world} process(es), same global batch"
             print(f"training {cfg.name}: {family.name} on {cfg.data.name} {family.data.shape} x{len(dataset)} -> {run_dir} "
