@@ -7,10 +7,11 @@ choice, sharding, the few collectives of the trainer, faults).
     torchrun --standalone --nproc_per_node N -m scorelab train PRESET [--key value ...]
     scorelab train PRESET --nproc N          # the same, through torch.distributed.run (torchrun)
 
-Several machines (run the same command on each, ``NODE_RANK`` 0 .. M-1; ``HOST0`` reachable from all)::
+Several machines (``HOST0:29500`` reachable from all; ``K`` = 0 .. M-1 on machine ``K``; the
+commands of ``docs/distributed.md``)::
 
-    torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \\
-             --rdzv_id RUN_ID -m scorelab train PRESET --runs /shared/runs
+    torchrun --nnodes M --node_rank K --nproc_per_node N --rdzv_endpoint HOST0:29500 \\
+             -m scorelab train PRESET --runs /shared/runs
 
 The trainer reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``): with ``WORLD_SIZE`` above 1 it joins the
@@ -51,7 +52,8 @@ path; a VAE's learned likelihood) cannot be served by DDP's hooks: its gradients
 all-reduce after the backward pass (:meth:`Comm.all_mean_`). ``find_unused_parameters`` is set only
 for a module whose parameters a backward pass reaches only in part (measured in the trainer's dry
 run); none of the shipped families needs it. No net in scorelab has BatchNorm in a trained module
-(the LeNet feature network, which has, is frozen in eval mode).
+(the LeNet feature network, which has, is frozen in eval mode); a trained module with BatchNorm is
+refused in one line under torchrun (its statistics would be each rank's shard's; no SyncBatchNorm).
 
 **Faults.** Every collective runs under the process group's timeout (``--dist-timeout``, default
 :data:`DEFAULT_TIMEOUT`, or ``$SCORELAB_DIST_TIMEOUT``): a rank that is killed is noticed at once

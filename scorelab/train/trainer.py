@@ -448,6 +448,11 @@ class Trainer:
         for k in self.modules:
             if k not in optimised or not any(p.requires_grad for p in self.modules[k].parameters()):
                 continue  # replicated: identical on every rank, nothing to synchronise
+            bn = next((n for n, m in self.modules[k].named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+            if bn is not None:  # its statistics would be each rank's shard's: ranks drift apart, 1 != N processes
+                raise TrainingError(f"module {k!r} has BatchNorm ({bn or k}): under torchrun its batch statistics would be "
+                                    "each process's share of the batch; use GroupNorm (scorelab's nets do) or train in one "
+                                    "process")
             use = self._usage.get(k, {})
             if use.get("grad_without_forward") or use.get("partial"):
                 self._reduced_after.add(k)
