@@ -54,10 +54,13 @@ def _env() -> dict:
     return env
 
 
-def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m scorelab train ARGS`` (exit code checked)."""
+def torchrun(*args: str, timeout: float = 120, nproc_flag: bool = False) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m scorelab train ARGS``, or with ``nproc_flag``
+    ``scorelab train ARGS --nproc 2`` (which runs the same torchrun); exit code checked."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "scorelab",
            "train", *args]
+    if nproc_flag:
+        cmd = [sys.executable, "-m", "scorelab", "train", *args, "--nproc", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -175,11 +178,24 @@ def test_resume_under_torchrun_is_bit_exact_and_moves_between_world_sizes(toy):
     # the 2-process checkpoint of step 15 resumed in 1 process continues the same run
     train1("--resume", str(root / "half2to1"), "--train.steps", str(STEPS), "--no-progress")
     assert_same_run(state(toy["one"])[0], state(root / "half2to1")[0])
-    # and back: a 1-process checkpoint of step 15 resumed with 2 processes
+    # and back: a 1-process checkpoint of step 15 resumed with 2 processes, by `scorelab train --nproc 2`
     train1(*TOY, "--train.steps", "15", "--runs", str(root / "half1"))
-    res = torchrun("--resume", str(root / "half1" / "moons-rf"), "--train.steps", str(STEPS), "--no-progress")
+    res = torchrun("--resume", str(root / "half1" / "moons-rf"), "--train.steps", str(STEPS), "--no-progress",
+                   nproc_flag=True)
+    assert "scorelab train: torchrun --standalone --nnodes 1 --nproc-per-node 2 -m scorelab train --resume" in res.stderr
     assert "the checkpoint was written by 1 process(es), same global batch" in res.stderr
     assert_same_run(state(toy["one"])[0], state(root / "half1" / "moons-rf")[0])
+
+
+def test_nproc_exits_with_the_processes_own_code_and_line(tmp_path):
+    """A batch that does not split evenly: every process refuses it in one line (exit 2), and
+    ``--nproc`` exits 2 naming the first failing process."""
+    cmd = [sys.executable, "-m", "scorelab", "train", *TOY, "--train.batch_size", "63", "--runs", str(tmp_path), "--nproc", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "train.batch_size 63 is not a multiple of the 2 processes" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("scorelab train: process ")
+    assert not (tmp_path / "moons-rf").exists()
 
 
 # --------------------------------------------------------------------------------------
