@@ -37,6 +37,11 @@ from scorelab.train.distributed import Launch, choose_device, launch_from_env, s
 dist = torch.distributed
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available in this build of torch", allow_module_level=True)
+try:  # the processes talk over the loopback interface
+    with socket.socket() as _s:
+        _s.bind(("127.0.0.1", 0))
+except OSError as _e:
+    pytest.skip(f"no loopback TCP for the 2-process tests: {_e}", allow_module_level=True)
 
 ATOL = 1e-5  # weights and EMA after 30 steps, 2 processes vs 1 (float summation order; module docstring)
 MOMENT_RTOL = 1e-4  # Adam's exp_avg / exp_avg_sq, relative to the largest |value| of the tensor
@@ -51,6 +56,8 @@ TOY = ["moons-rf", "--train.batch_size", "64", "--train.warmup", "5", "--train.c
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # all processes on this machine: not the interface the host name resolves to
     return env
 
 
