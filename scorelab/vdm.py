@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .paths import Coefficients, Path, broadcast_to
 from .quantize import discretized_gaussian_log_prob, to_model
-from .random import Generator, rand, randn
+from .random import Generator, batch_rows, rand, rand_whole, randn
 
 __all__ = ["LearnedLogSNR", "LearnedVPPath", "continuous_elbo_terms", "TARGETS"]
 
@@ -201,7 +201,8 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
             ``sigma(t_min) > 0`` is required (e.g. ``t_min = 1e-3`` for rectified flow).
         n_t: times per example; the diffusion term averages over them.
         low_discrepancy: stratified times ``u_r = (u_0 + r / R) mod 1`` over the ``R = B n_t`` rows
-            (VDM's variance reduction; couples the examples of a batch).
+            (VDM's variance reduction; couples the examples of a batch; with a
+            :class:`~scorelab.random.ShardedGenerator` the rows and ``u_0`` are the global batch's).
         target: the diffusion term's form (the regression target it is written in), ``x0`` (``-SNR' |x - x0_hat|^2``), ``eps``
             (``gamma' |eps - eps_hat|^2``) or ``score`` (``gamma' sigma^2 |-eps/sigma - s_hat|^2``);
             all equal in value.
@@ -253,10 +254,14 @@ def continuous_elbo_terms(denoiser, x: Tensor, generator: Generator = None, t_mi
         recon = 0.5 * _flat_sum(e0**2) + D * (torch.log(std) + 0.5 * math.log(2 * math.pi))
 
     # diffusion: rows r = i * n_t + j (example i, time j)
-    u = rand((B, n_t), generator=generator, dtype=torch.float64, device=dev)
-    if low_discrepancy:
-        R = B * n_t
-        u = torch.remainder(u.reshape(-1)[0] + torch.arange(R, dtype=torch.float64, device=dev) / R, 1.0).reshape(B, n_t)
+    if low_discrepancy:  # rows r of the whole batch (under torchrun: of the global batch, whose first draw is u_0)
+        first, total = batch_rows(generator, B)
+        u0 = rand_whole((B, n_t), generator=generator, dtype=torch.float64, device=dev).reshape(-1)[0]
+        R = total * n_t
+        r = first * n_t + torch.arange(B * n_t, dtype=torch.float64, device=dev)
+        u = torch.remainder(u0 + r / R, 1.0).reshape(B, n_t)
+    else:
+        u = rand((B, n_t), generator=generator, dtype=torch.float64, device=dev)
     if time_sampling == "log_snr":
         lam_ends = path.log_snr(torch.tensor([t_hi, t_lo], dtype=torch.float64, device=dev)).detach()
         if not torch.isfinite(lam_ends).all():

@@ -82,8 +82,8 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, object]]:
     return out
 
 
-_TRAIN_FLAGS = {"--runs", "--resume", "--no-progress", "--help", "-h"}
-_TRAIN_FLAGS_WITH_VALUE = {"--runs", "--resume"}
+_TRAIN_FLAGS = {"--runs", "--resume", "--no-progress", "--nproc", "--dist-timeout", "--help", "-h"}
+_TRAIN_FLAGS_WITH_VALUE = {"--runs", "--resume", "--nproc", "--dist-timeout"}
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

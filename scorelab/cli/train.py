@@ -1,4 +1,12 @@
-"""``scorelab train [CONFIG | PRESET] [--key value ...] [--runs DIR] [--resume RUN]``.
+"""``scorelab train [CONFIG | PRESET] [--key value ...] [--runs DIR] [--resume RUN] [--nproc N]``.
+
+Several processes (data parallel, :mod:`scorelab.train.distributed`): ``torchrun --nproc_per_node N
+-m scorelab train ...`` on one machine or several, or ``--nproc N`` here, which runs exactly that
+(``torchrun --standalone --nnodes 1 --nproc-per-node N -m scorelab train ...``, through
+``torch.distributed.run``) for one machine. ``train.batch_size`` stays the global batch. Only rank 0
+prints the header and the summary and writes the run folder. torchrun's own exit code is 1 when a
+process failed (the failing process's line says why); ``--nproc`` exits with the failing process's
+own code (2, 3, 130, 143) or 128 + the signal that killed it, and one line naming it.
 
 Everything is checked before the run folder is created or touched: the whole config, the data
 against the network (one dry training step), the sampler the run will use for its pictures (two
@@ -26,6 +34,11 @@ def add_parser(sub) -> None:
     t.add_argument("--runs", default="runs", help="parent folder of run folders (default: runs)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN (same step, optimizer, EMA, RNG)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (runs torchrun "
+                   "--standalone --nproc-per-node N; one GPU per process on CUDA); train.batch_size is the global batch")
+    t.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="with several processes: how long a process waits for the others before it stops with an error "
+                        "(default $SCORELAB_DIST_TIMEOUT or 600; a killed process is noticed at once)")
 
 
 def _config(args, rest):
@@ -112,7 +125,103 @@ def sample_hook(family, dataset, run_dir: Path):
     return on_sample
 
 
+def torchrun_args(args, rest, nproc: int) -> list[str]:
+    """torchrun's arguments for ``--nproc N``: this ``train`` on one machine, ``N`` processes."""
+    cmd = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "-m", "scorelab", "train"]
+    if args.config:
+        cmd.append(args.config)
+    if args.resume is not None:
+        cmd += ["--resume", args.resume]
+    else:
+        cmd += ["--runs", args.runs]
+    if args.no_progress:
+        cmd.append("--no-progress")
+    if args.dist_timeout is not None:
+        cmd += ["--dist-timeout", repr(args.dist_timeout)]
+    return cmd + list(rest)
+
+
+def _failure_code(e) -> int:
+    """The exit code of ``--nproc`` when a process failed (torchrun's ChildFailedError ``e``): the
+    first failing process's own code (2 error, 3 diverged, 130 / 143 stopped by a signal), or
+    128 + signal when it was killed; with one line naming it."""
+    rank, failure = e.get_first_failure()
+    code = int(failure.exitcode)
+    if code < 0:
+        import signal
+
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+        code = 128 - code
+    else:
+        how = f"exited with code {code}"
+    print(f"scorelab train: process {rank} (pid {failure.pid}) {how}; the others were stopped", file=sys.stderr)
+    return code if code > 0 else 1
+
+
+def _launch(args, rest) -> int | None:
+    """``--nproc N``: run torchrun (PyTorch's launcher, ``torch.distributed.run``) for this command
+    on one machine and return the exit code; None when there is nothing to launch (no --nproc,
+    N = 1, or already inside torchrun with N processes).
+
+    From the command line torchrun runs in this very process (its agent then handles Ctrl-C: it
+    passes the signal to the processes, which save their checkpoint, and this process exits with
+    128 + signal); called from Python (tests) it runs as a child process, leaving the caller's
+    signal handlers alone."""
+    import os
+
+    from ..train.distributed import launch_from_env, timeout_seconds
+
+    n = args.nproc
+    if args.dist_timeout is not None:
+        timeout_seconds(args.dist_timeout)  # a bad value is refused here, not in N processes
+    if n is None:
+        return None
+    if n < 1:
+        raise UsageError(f"--nproc must be >= 1, got {n}")
+    if "WORLD_SIZE" in os.environ:  # already started by torchrun: --nproc must agree with it
+        inside = launch_from_env()
+        world = inside.world_size if inside is not None else 1
+        if n != world:
+            raise UsageError(f"--nproc {n} inside torchrun, which started {world} process(es): give one or the other")
+        return None
+    if n == 1:
+        return None
+    argv = torchrun_args(args, rest, n)
+    print("scorelab train: torchrun " + " ".join(argv), file=sys.stderr)
+    sys.stderr.flush()
+    if not getattr(args, "entry_point", False):
+        import subprocess
+
+        return subprocess.call([sys.executable, "-m", "torch.distributed.run", *argv])
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as e:
+        return _failure_code(e)
+    except SignalException as e:  # the agent was signalled: it has stopped the processes (they saved)
+        return 128 + int(e.sigval)
+    return 0
+
+
 def run(args, rest) -> int:
+    from ..train.distributed import shutdown
+
+    code = _launch(args, rest)
+    if code is not None:
+        return code
+    try:
+        return _run(args, rest)
+    finally:
+        shutdown()
+
+
+def _run(args, rest) -> int:
     import yaml
 
     from ..train.trainer import CKPT, GracefulStop, Trainer
@@ -123,15 +232,25 @@ def run(args, rest) -> int:
         cfg, run_dir = _config(args, rest)
         dataset = load_data(cfg)
         family = build(cfg, dataset)
-        trainer = Trainer(cfg, run_dir, family, dataset, resume=args.resume is not None, progress=not args.no_progress)
+        trainer = Trainer(cfg, run_dir, family, dataset, resume=args.resume is not None, progress=not args.no_progress,
+                          dist_timeout=args.dist_timeout)
         preflight_sample(family, trainer)
         cfg.resolved["precision"] = trainer.precision.name
         cfg.resolved["precision_note"] = trainer.precision.describe()
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        print(f"training {cfg.name}: {family.name} on {cfg.data.name} {family.data.shape} x{len(dataset)} -> {run_dir} "
-              f"(device {trainer.device}, {trainer.precision.describe()})", file=sys.stderr)
+        main = trainer.is_main
+        if main:
+            procs = ""
+            if trainer.world > 1:
+                sync = ", ".join(f"{k} {how}" for k, how in trainer.synchronised.items()) or "none"
+                procs = (f", {trainer.world} processes x {trainer.local_batch} of the global batch {cfg.train.batch_size}"
+                         f" ({trainer.comm.backend}; gradients averaged: {sync})")
+            if trainer.resumed_world and trainer.resumed_world != trainer.world:
+                procs += f"; the checkpoint was written by {trainer.resumed_world} process(es), same global batch"
+            print(f"training {cfg.name}: {family.name} on {cfg.data.name} {family.data.shape} x{len(dataset)} -> {run_dir} "
+                  f"(device {trainer.device}{procs}, {trainer.precision.describe()})", file=sys.stderr)
         summary = trainer.fit(on_sample=sample_hook(family, dataset, run_dir), config_yaml=text, stop=stop)
-        final = sorted((run_dir / "samples").glob("step_*.png"))
+        final = sorted((run_dir / "samples").glob("step_*.png")) if main else []
         if final and summary["status"] != "interrupted":
             import shutil
 
@@ -139,7 +258,8 @@ def run(args, rest) -> int:
 
             with atomic_path(run_dir / "samples.png") as tmp:
                 shutil.copyfile(final[-1], tmp)
-    print(json.dumps({"run": str(run_dir), **summary, "checkpoint": str(run_dir / CKPT)}))
+    if main:
+        print(json.dumps({"run": str(run_dir), **summary, "checkpoint": str(run_dir / CKPT)}))
     if summary["status"] == "interrupted":
         return 128 + int(trainer.stop_signal or 2)
     return 0

@@ -66,8 +66,9 @@ from torch import Tensor, nn
 from ..gan import discriminator_loss, generator_loss
 from ..nets.autoencoder import Autoencoder, AutoencoderNetConfig, PatchDiscriminator, PatchDiscriminatorConfig
 from ..quantize import to_uint8
-from ..train.config import ConfigError
 from ..random import randn
+from ..train.config import ConfigError
+from ..train.distributed import mean_over_ranks
 from ..vae import kl_standard_normal
 from .base import Capabilities, Family, OptimizerSpec, check_optimizer_overrides, register
 
@@ -121,14 +122,18 @@ class AutoencoderConfig:
 # The loss pieces
 # --------------------------------------------------------------------------------------
 def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4,
-                    eps: float = 1e-4) -> Tensor:
+                    eps: float = 1e-4, reduce=None) -> Tensor:
     """``clamp(||grad_w rec_loss|| / (||grad_w adv_loss|| + eps), 0, max_weight)``, detached (VQGAN, eq. 7).
 
     ``rec_loss``, ``adv_loss``: scalars whose graphs reach ``last_layer`` (a weight tensor, the
-    decoder's last layer); both graphs are kept for the backward pass that follows.
+    decoder's last layer); both graphs are kept for the backward pass that follows. ``reduce``:
+    applied to both gradients before their norms (under torchrun the mean over ranks, so the
+    weight is the global batch's, the same on every rank); None: the gradients as they are.
     """
     (g_rec,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_adv,) = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)
+    if reduce is not None:
+        g_rec, g_adv = reduce(g_rec), reduce(g_adv)
     return (g_rec.norm() / (g_adv.norm() + eps)).clamp(0.0, max_weight).detach()
 
 
@@ -227,7 +232,8 @@ class AutoencoderFamily(Family):
             try:
                 with ctx.autocast():
                     g = generator_loss(D(xr).float().flatten(), "hinge").mean()  # -mean D(x^) over patches
-                lam = c.disc_weight * adaptive_weight(rec, g, _unwrap(ae).last_layer, c.disc_max_weight)
+                lam = c.disc_weight * adaptive_weight(rec, g, _unwrap(ae).last_layer, c.disc_max_weight,
+                                                      reduce=lambda t: mean_over_ranks(t, ctx))
                 loss = loss + lam * g
             finally:
                 D.requires_grad_(True)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..losses import WEIGHTINGS, diffusion_loss, make_time_sampler
 from ..nets.registry import NETS, build_net
 from ..paths import PATHS, DDPMDiscrete, make_path
+from ..random import rand
 from ..targets import KINDS, PRECONDITIONINGS, Denoiser
 from ..train.config import ConfigError
 from .base import Capabilities, CapabilityError, Family, register
@@ -226,7 +227,7 @@ class DiffusionFamily(Family):
             return {}
         y = batch["y"].clone()
         if ctx is not None and self.cfg.label_dropout > 0:
-            drop = torch.rand(y.shape, generator=ctx.generator, device=ctx.generator.device).to(y.device) < self.cfg.label_dropout
+            drop = rand(y.shape, generator=ctx.generator, device=y.device) < self.cfg.label_dropout  # (B,): one draw per example
             y[drop] = self.num_classes
         return {"y": y}
 

@@ -67,7 +67,7 @@ from ..distill import (
     noise_level,
     pd_loss,
 )
-from ..random import randn
+from ..random import rand, randn
 from ..targets import Denoiser
 from ..train.config import ConfigError
 from .base import Capabilities, CapabilityError, Family, register
@@ -125,7 +125,7 @@ def _cond(family: Family, batch: dict, ctx, dropout: float) -> dict:
         return {}
     y = batch["y"].clone()
     if ctx is not None and dropout > 0:
-        drop = torch.rand(y.shape, generator=ctx.generator, device=ctx.generator.device).to(y.device) < dropout
+        drop = rand(y.shape, generator=ctx.generator, device=y.device) < dropout  # (B,): one draw per example
         y[drop] = k
     return {"y": y}
 

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ..random import randn
 from ..train.config import ConfigError
+from ..train.distributed import gather_rows
 from .base import CapabilityError, register
 from .autoencoder import _unwrap
 from .diffusion import SAMPLE_OPTIONS, DiffusionConfig, DiffusionFamily
@@ -211,7 +212,8 @@ class LatentDiffusionFamily(DiffusionFamily):
         z = self.latents_of(batch, ctx.generator)
         scale = _unwrap(modules["latent"])
         if not scale.measured:
-            scale.set(1.0 / float(z.double().std()))  # LDM's scale_by_std, on the first training batch
+            # LDM's scale_by_std, on the first training batch (the global batch under torchrun: one scale on every rank)
+            scale.set(1.0 / float(gather_rows(z, ctx).double().std()))
         out = super().training_step(modules, {**batch, "x": z * scale.value}, ctx)
         out["scale"] = scale.value
         return out

@@ -89,6 +89,7 @@ __all__ = [
     "cache_path",
     "cache_key",
     "resolve_precision",
+    "share_decision",
     "PROBE_VERSION",
     "EARLY_STOP_RATIO",
     "MAX_CACHE_LOAD",
@@ -524,6 +525,27 @@ def resolve_precision(requested: str, device, probe: Callable | None = None, key
                  "facts": _key_facts(key, machine), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_cache(path, h, entry)
     return _decide(m, requested, "measured", min_speedup, rtol)
+
+
+def share_decision(decide: Callable[[], PrecisionDecision], agree: Callable, broadcast: Callable[[object], object],
+                   main: bool) -> PrecisionDecision:
+    """The precision of a data-parallel run: ``decide()`` (e.g. :func:`resolve_precision` with the
+    run's probe) on rank 0 only, its decision on every rank.
+
+    Every rank computes in the same dtype (a rank in bf16 next to one in fp32 would give different
+    gradients for the same weights), and only one process probes, while the others wait: several
+    processes timing the step at once on shared cores would each measure the others' load.
+
+    Args:
+        decide: the decision, called on rank 0 only.
+        agree: ``agree(fn, what)`` runs ``fn`` on every rank and raises everywhere if it raised on one
+            (:meth:`scorelab.train.distributed.Comm.agree`): a failure of rank 0's probe stops every rank.
+        broadcast: ``broadcast(obj) -> obj``, rank 0's object on every rank.
+        main: whether this process is rank 0.
+    """
+    decision = agree(lambda: decide() if main else None, "to decide the precision")
+    d = broadcast(decision.to_dict() if main else None)
+    return decision if main else PrecisionDecision.from_dict(d)
 
 
 def _load_per_cpu() -> float:
