@@ -76,7 +76,7 @@ def main() -> None:
                 shutil.rmtree(run)
             t0 = time.perf_counter()
             scorelab("train", MODELS[key], "--name", name, "--runs", work, "--no-progress", "--train.steps", args.steps,
-                     "--train.max_minutes", 0, "--train.sample_every", 0)
+                     "--train.batch_size", 128, "--train.max_minutes", 0, "--train.sample_every", 0)  # one batch for all
             train_s = time.perf_counter() - t0
             print(f"trained {name} in {train_s:.0f} s", file=sys.stderr)
         res = {}
