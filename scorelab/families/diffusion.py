@@ -325,13 +325,15 @@ class DiffusionFamily(Family):
         from ..samplers import DETERMINISTIC
 
         self.check_options("interpolate", options, ("sampler", "steps", "grid"))
-        sampler = self._sampler_args(modules, options.get("sampler"), None, None, None, None)["sampler"]
+        # resolved once (auto included), by the rule every sampling call follows
+        a = self._sampler_args(modules, options.get("sampler"), options.get("steps"), options.get("grid"), None, None)
+        sampler = a["sampler"]
         if sampler not in DETERMINISTIC:
             raise CapabilityError(f"sampler {sampler!r} is stochastic: interpolation needs a deterministic one "
                                   f"({', '.join(DETERMINISTIC)}); pass --sampler")
         opts = {"eta": 0.0} if sampler == "ddim" else {}
         return self._run_sampler(modules, z.to(self.device_of(modules), torch.float32), None, y, sampler=sampler,
-                                 steps=options.get("steps"), grid=options.get("grid"), sampler_options=opts)
+                                 steps=a["steps"], grid=a["grid"], grid_options=a["grid_opts"], sampler_options=opts)
 
     def generate_from(self, modules, z: Tensor, space: str = "noise", y=None, **options) -> Tensor:
         """Samples from given start noises ``z`` with a deterministic sampler (:meth:`deterministic_samples`)."""
