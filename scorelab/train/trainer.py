@@ -75,7 +75,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +100,9 @@ from .checkpoint import (
 from ..random import ShardedGenerator
 from .config import RunConfig
 from .distributed import Comm, DataParallel, DistributedError, choose_device, setup, shard_of
+from .guard import DivergenceGuard
 from .horizon import BudgetHorizon
+from .signals import GracefulStop, Interrupted
 
 __all__ = ["Trainer", "StepContext", "EMA", "resolve_device", "TrainingError", "DivergedError", "GracefulStop", "Interrupted",
            "DivergenceGuard", "EVENT_HOOK", "CKPT", "load_module_states", "dataset_tensors"]
@@ -186,150 +187,6 @@ class DivergedError(TrainingError):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0].strip() if text else type(e).__name__
-
-
-def _say(text: str) -> None:
-    """Write to stderr without Python's buffered writer (safe inside a signal handler)."""
-    try:
-        os.write(2, text.encode("utf-8", "replace"))
-    except OSError:
-        pass
-
-
-# --------------------------------------------------------------------------------------
-# Signals, deferred to the end of the step
-# --------------------------------------------------------------------------------------
-class Interrupted(KeyboardInterrupt):
-    """A signal during start-up, before anything was written (``signum``: which)."""
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class GracefulStop:
-    """SIGINT / SIGTERM handling for a training process (a context manager).
-
-    While :attr:`defer` is False (start-up: nothing written yet) a signal raises
-    :class:`Interrupted` (a KeyboardInterrupt) at once. Once the trainer sets it True (before it writes anything),
-    the first signal only records :attr:`signum`; the loop stops after the step in progress and
-    saves. Every later signal is ignored with a message saying what is being finished
-    (``describe()``). Handlers are installed only in the main thread and restored on exit, unless
-    ``restore`` is False (the command line's own process, which exits right after: a signal that
-    comes after the save, between the restore and the exit, would otherwise kill it or print a
-    traceback).
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, defer: bool = True, describe: Callable[[], str] | None = None, restore: bool = True):
-        self.defer = defer  # True: record and wait for the end of the step; False: raise KeyboardInterrupt
-        self.describe = describe or (lambda: "the current step")  # what is being finished (for the messages)
-        self.restore = restore  # restore the old handlers on exit (False: a process about to exit keeps ignoring signals)
-        self.signum: int | None = None  # the first signal received
-        self._old: dict = {}
-
-    def __enter__(self) -> "GracefulStop":
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self.restore:
-            for s, h in self._old.items():
-                signal.signal(s, h)
-        else:  # the command line's process: a late second signal must not kill it between the save and its exit
-            self.defer, self.describe = True, (lambda: "exiting")
-        self._old.clear()
-        return False
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is None:
-            self.signum = signum
-            if not self.defer:
-                raise Interrupted(signum)
-            _say(f"\nscorelab: {name} received: stopping after {self.describe()}, then saving the checkpoint "
-                 f"(further signals are ignored)\n")
-        else:
-            _say(f"\nscorelab: {name} ignored: already stopping ({self.describe()}); the checkpoint is on its way\n")
-
-
-# --------------------------------------------------------------------------------------
-# The divergence guard
-# --------------------------------------------------------------------------------------
-class DivergenceGuard:
-    """Per-optimizer loss history and the counters behind the trainer's stop decisions.
-
-    ``observe(name, loss)`` flags a finite loss as *exploding* when ``loss > m + factor * max(|m|,
-    MAD, 1e-8)``, with ``m`` the median and MAD the median absolute deviation of the last
-    :attr:`WINDOW` ordinary (non-exploding) losses of that optimizer; exploding values do not enter
-    the history, so a persisting explosion stays flagged. ``nonfinite(...)`` records a skipped
-    update. The trainer turns the per-step flags into warnings, deferred checkpoints and stops; the
-    history and counters are checkpointed (JSON) so a resumed run judges as a straight one.
-    """
-
-    WINDOW = 200  # losses kept per optimizer
-
-    def __init__(self, factor: float):
-        self.factor = factor  # 0: no explosion check
-        self.history: dict[str, list[float]] = {}
-        self.skipped_in_a_row = 0  # steps in a row with a skipped update
-        self.exploding_in_a_row = 0  # steps in a row with an exploding loss
-        self.exploding_since: int | None = None  # first step of the current explosion
-        self.step_skips: list[str] = []  # this step's non-finite reasons
-        self.step_explosion: tuple | None = None  # this step's first (optimizer, loss, median)
-
-    @staticmethod
-    def _median(v: list[float]) -> float:
-        s = sorted(v)
-        n = len(s)
-        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-    def begin_step(self) -> None:
-        self.step_skips, self.step_explosion = [], None
-
-    def nonfinite(self, optimizer: str, what: str, value: float) -> None:
-        self.step_skips.append(f"{what} of optimizer {optimizer!r} is {value}")
-
-    def observe(self, optimizer: str, loss: float) -> bool:
-        """Record a finite ``loss``; True if it is exploding (then it is not added to the history)."""
-        h = self.history.setdefault(optimizer, [])
-        if self.factor > 0 and h:
-            m = self._median(h)
-            mad = self._median([abs(v - m) for v in h])
-            if loss > m + self.factor * max(abs(m), mad, 1e-8):
-                if self.step_explosion is None:
-                    self.step_explosion = (optimizer, loss, m)
-                return True
-        h.append(loss)
-        if len(h) > self.WINDOW:
-            del h[0]
-        return False
-
-    @property
-    def alarm(self) -> bool:
-        """The loss is exploding, or the last step's update was skipped: checkpoints wait."""
-        return self.exploding_in_a_row > 0 or self.skipped_in_a_row > 0
-
-    def state_dict(self) -> dict:
-        return {"history": self.history, "skipped_in_a_row": self.skipped_in_a_row,
-                "exploding_in_a_row": self.exploding_in_a_row, "exploding_since": self.exploding_since}
-
-    def load_state_dict(self, d: dict | None) -> None:
-        if not d:
-            return
-        try:
-            hist = {str(k): [float(x) for x in v][-self.WINDOW :] for k, v in dict(d.get("history", {})).items()}
-            counts = int(d.get("skipped_in_a_row", 0)), int(d.get("exploding_in_a_row", 0))
-            since = d.get("exploding_since")
-            since = None if since is None else int(since)
-        except (TypeError, ValueError, AttributeError):
-            raise CheckpointError("checkpoint: corrupt divergence-guard metadata") from None
-        self.history = hist
-        self.skipped_in_a_row, self.exploding_in_a_row = counts
-        self.exploding_since = since
 
 
 # --------------------------------------------------------------------------------------
