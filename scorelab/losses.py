@@ -35,6 +35,7 @@ __all__ = [
     "Levels",
     "make_time_sampler",
     "diffusion_loss",
+    "ot_pairing",
     "per_example_mse",
 ]
 
@@ -188,6 +189,25 @@ def make_time_sampler(name: str, **opts) -> TimeSampler:
         raise ValueError(f"bad option for time sampler {name!r}: {e}") from None
 
 
+def ot_pairing(x0: Tensor, eps: Tensor) -> Tensor:
+    """Minibatch optimal-transport coupling (Tong et al. 2023; Pooladian et al. 2023): ``perm`` (B,)
+    with ``sum_i |x0_i - eps_perm[i]|^2`` the least over all permutations of the noise rows.
+
+    Pairing each example with the noise nearest to it *as a whole batch* leaves both marginals as
+    they were (the noise rows are only reordered) and makes the paths ``x_t`` of different pairs
+    cross less, so the velocity a network must learn is closer to straight: lower loss and better
+    few-step samples. Exact (the Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``,
+    ~1 ms for B = 64 and O(B^3)), computed on the CPU in float64.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if x0.shape != eps.shape:
+        raise ValueError(f"ot_pairing: x0 {tuple(x0.shape)} and eps {tuple(eps.shape)} differ in shape")
+    cost = torch.cdist(x0.detach().flatten(1).double().cpu(), eps.detach().flatten(1).double().cpu()).pow_(2)
+    _, cols = linear_sum_assignment(cost.numpy())  # rows come back as 0 .. B-1 for a square cost
+    return torch.as_tensor(cols, dtype=torch.long, device=eps.device)
+
+
 # --------------------------------------------------------------------------------------
 # The one regression loss
 # --------------------------------------------------------------------------------------
@@ -203,6 +223,7 @@ def diffusion_loss(
     generator: Generator = None,
     weighting_opts: dict | None = None,
     cond: dict | None = None,
+    couple: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Per-example ``lambda(t) * mean |pred_target(x_t, t) - target(x_0, eps)|^2``: (B,).
 
@@ -215,6 +236,8 @@ def diffusion_loss(
         time_sampler: draws ``t`` (default :class:`Uniform`); or pass ``t`` (B,) directly.
         eps: the noise (B, ...); drawn from ``generator`` when omitted.
         cond: extra network inputs (e.g. ``{"y": labels}``).
+        couple: ``couple(x0, eps) -> eps`` reorders the drawn noise rows to pair them with the data
+            (e.g. by :func:`ot_pairing`); ``None``: independent pairs.
     """
     if target not in KINDS:
         raise ValueError(f"unknown target {target!r}: expected one of {', '.join(KINDS)}")
@@ -225,6 +248,8 @@ def diffusion_loss(
     t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
     if eps is None:
         eps = randn_like(x0, generator)
+    if couple is not None:
+        eps = couple(x0, eps)
     c = path.coefficients(t)
     cx = c.to(x0)
     x_t = c.corrupt(x0, eps)

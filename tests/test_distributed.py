@@ -241,6 +241,19 @@ def test_two_optimizers_and_a_frozen_teacher_train_as_in_one_process(tmp_path, f
     assert_same_run(a, b)
 
 
+def test_minibatch_ot_pairs_the_global_batch_so_two_processes_train_the_one_process_run(tmp_path):
+    """model.coupling: ot pairs data and noise across the whole batch: the ranks gather their shards,
+    pair alike and take their rows back (pairing within each 16-row shard would train another run)."""
+    from test_families import TINY
+
+    model = {"family": "diffusion", **TINY["diffusion"][1], "coupling": "ot"}
+    cfg = _family_cfg(tmp_path, "ot", {"name": "8gaussians", "options": {"n": 256}}, model, 10)
+    train1(cfg, "--runs", str(tmp_path / "one"), "--no-progress")
+    torchrun(cfg, "--runs", str(tmp_path / "two"), "--no-progress")
+    a, b = state(tmp_path / "one" / "ot")[0], state(tmp_path / "two" / "ot")[0]
+    assert_same_run(a, b)
+
+
 # --------------------------------------------------------------------------------------
 # Faults: a rank killed, a rank that hangs
 # --------------------------------------------------------------------------------------

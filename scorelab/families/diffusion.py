@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..losses import WEIGHTINGS, diffusion_loss, make_time_sampler
+from ..losses import WEIGHTINGS, diffusion_loss, make_time_sampler, ot_pairing
 from ..nets.registry import NETS, build_net
 from ..paths import PATHS, DDPMDiscrete, make_path
 from ..random import rand
 from ..targets import KINDS, PRECONDITIONINGS, Denoiser
 from ..train.config import ConfigError
+from ..train.distributed import gather_rows, own_rows
 from .base import Capabilities, CapabilityError, Family, register
 
 __all__ = ["DiffusionConfig", "DiffusionFamily"]
@@ -36,6 +37,7 @@ class DiffusionConfig:
     weighting_options: dict = field(default_factory=dict)  # e.g. {snr_cap: 5} for min_snr
     time_sampler: str = "uniform"  # uniform logit_normal log_normal levels
     time_sampler_options: dict = field(default_factory=dict)  # e.g. {location: 0, scale: 1}
+    coupling: str = "independent"  # pairs of data and noise in a batch: independent | ot (minibatch optimal transport, losses.ot_pairing)
     net: str = "unet"  # network registry name: unet mlp
     net_options: dict = field(default_factory=dict)  # the net's config fields
     sampler: str = "auto"  # default sampler for grids, `scorelab sample` and `eval` (auto: the path's, samplers.default_sampler)
@@ -74,8 +76,11 @@ class DiffusionConfig:
         if not self.sigma_data > 0:
             raise ConfigError(f"model.sigma_data must be > 0, got {self.sigma_data}")
         check_path_fields(self)
+        if self.coupling not in COUPLINGS:
+            raise ConfigError(f"model.coupling {self.coupling!r} is unknown: expected one of {', '.join(COUPLINGS)}")
 
 
+COUPLINGS = ("independent", "ot")
 AUTO = "auto"  # model.sampler / model.grid: the path's default (scorelab.samplers.default_sampler)
 
 
@@ -97,6 +102,14 @@ def auto_sampler(path, sampler, sampler_options, grid, grid_options) -> tuple:
     if grid == AUTO:
         grid, grid_options = d["grid"], {**d["grid_opts"], **(grid_options or {})}
     return sampler, sampler_options, grid, grid_options
+
+
+def ot_coupled(x0: Tensor, eps: Tensor, ctx) -> Tensor:
+    """``eps`` reordered by the minibatch OT pairing of the *global* batch (under torchrun: the
+    ranks' shards gathered, paired alike on every rank, and this rank's rows taken back), so a
+    2-process run trains exactly as one process does."""
+    gx, ge = gather_rows(x0, ctx), gather_rows(eps, ctx)
+    return own_rows(ge[ot_pairing(gx, ge)], ctx)
 
 
 def check_model_fields(cfg) -> None:
@@ -237,6 +250,7 @@ class DiffusionFamily(Family):
             den, batch["x"], target=self.cfg.target, weighting_name=self.cfg.weighting,
             weighting_opts=self.cfg.weighting_options, time_sampler=self.time_sampler,
             generator=ctx.generator, cond=self._cond(batch, ctx),
+            couple=(lambda x0, eps: ot_coupled(x0, eps, ctx)) if self.cfg.coupling == "ot" else None,
         ).mean()
         gn = ctx.optimize(loss, "main")
         return {"loss": loss.detach(), "grad_norm": gn}

@@ -82,7 +82,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Launch", "Comm", "DataParallel", "DistributedError", "launch_from_env", "choose_device", "backend_for",
-           "timeout_seconds", "setup", "shutdown", "shard_of", "gather_rows", "mean_over_ranks", "DEFAULT_TIMEOUT",
+           "timeout_seconds", "setup", "shutdown", "shard_of", "gather_rows", "own_rows", "mean_over_ranks", "DEFAULT_TIMEOUT",
            "TIMEOUT_ENV"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for the other ranks (torch's own default for gloo is 1800)
@@ -515,6 +515,16 @@ def gather_rows(t: Tensor, ctx) -> Tensor:
     statistic of the whole batch (e.g. the latent family's first-batch std)."""
     comm = _comm_of(ctx)
     return t if comm is None else comm.gather_rows(t)
+
+
+def own_rows(t: Tensor, ctx) -> Tensor:
+    """This rank's rows of a global-batch tensor ``t`` (the inverse of :func:`gather_rows`); ``t``
+    itself in one process."""
+    comm = _comm_of(ctx)
+    if comm is None:
+        return t
+    b = t.shape[0] // comm.world
+    return t[comm.rank * b:(comm.rank + 1) * b]
 
 
 def mean_over_ranks(t: Tensor, ctx) -> Tensor:
