@@ -23,7 +23,9 @@ Usage (2 cores shared: one torch thread)::
     .venv/bin/python benchmarks/sampler_overhead.py --rounds 30 --batch 1
 
 Prints a table per batch size and writes ``benchmarks/results/sampler_overhead.json`` with the
-machine record (``benchmarks/common.py``).
+machine record (``benchmarks/common.py``). The last column counts the tensor operations (ATen ops,
+the network's included) of one call per step, from one extra untimed call of each variant: at
+batch 1 each costs about a microsecond, so it shows where a variant's time over the network goes.
 """
 
 from __future__ import annotations
@@ -131,6 +133,26 @@ def measure(fns: dict, rounds: int) -> tuple[dict, dict]:
     return wall, cpu
 
 
+def ops_per_step(fns: dict) -> dict:
+    """name -> ATen operations of one call divided by the steps (untimed: a dispatch mode counts them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    with torch.no_grad():
+        for k, f in fns.items():
+            with Count() as c:
+                f()
+            out[k] = c.n / STEPS
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 10000], help="batch sizes (default 1 10000)")
@@ -154,18 +176,21 @@ def main(argv=None) -> int:
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")
     for j, batch in enumerate(args.batch):
         rounds = args.rounds[min(j, len(args.rounds) - 1)] if args.rounds else (60 if batch < 1000 else 10)
-        wall, cpu = measure(variants(batch, use_diffusers), rounds)
+        fns = variants(batch, use_diffusers)
+        wall, cpu = measure(fns, rounds)
+        ops = ops_per_step(fns)
         mw = {k: statistics.median(v) for k, v in wall.items()}
         mc = {k: statistics.median(v) for k, v in cpu.items()}
         bw, bc = mw["net only"], mc["net only"]
         print(f"\nbatch {batch}: medians of {rounds} interleaved rounds (wall clock | CPU time of this process)")
-        print(f"  {'variant':<20}{'wall ms':>10}{'x net':>8}{'cpu ms':>10}{'x net':>8}{'cpu us/step over net':>22}")
+        print(f"  {'variant':<20}{'wall ms':>10}{'x net':>8}{'cpu ms':>10}{'x net':>8}{'cpu us/step over net':>22}"
+              f"{'ops/step':>10}")
         for k in mw:
             print(f"  {k:<20}{mw[k] * 1e3:>10.3f}{mw[k] / bw:>8.2f}{mc[k] * 1e3:>10.3f}{mc[k] / bc:>8.2f}"
-                  f"{(mc[k] - bc) / STEPS * 1e6:>22.1f}")
+                  f"{(mc[k] - bc) / STEPS * 1e6:>22.1f}{ops[k]:>10.2f}")
         results.append(dict(batch=batch, rounds=rounds, median_wall_s=mw, median_cpu_s=mc,
                             ratio_wall={k: m / bw for k, m in mw.items()}, ratio_cpu={k: m / bc for k, m in mc.items()},
-                            wall_s=wall, cpu_s=cpu))
+                            ops_per_step=ops, wall_s=wall, cpu_s=cpu))
     write_json("sampler_overhead.json", dict(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), steps=STEPS,
                                              threads=torch.get_num_threads(), loadavg=load, results=results), machine)
     return 0

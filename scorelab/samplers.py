@@ -46,8 +46,15 @@ batch layout (``_Grid``); every time tensor handed to the denoiser is registered
 costs the network plus a handful of Python operations; DDIM, DPM-Solver++(2M) and UniPC precompute
 their per-step weights once per grid (a "plan"), and each update is one linear combination
 (:func:`_lincomb`) of the current point and the raw network outputs (:meth:`Prediction.terms`).
-The results are those of the formulas in the docstrings up to float rounding
-(``tests/test_samplers_robust.py`` pins every sampler to a direct float64 implementation to 1e-12).
+On a :class:`~scorelab.targets.Denoiser` without autograd (as :func:`sample` runs) these three skip
+the Prediction objects too and step on the network's raw outputs
+(:meth:`~scorelab.targets.Denoiser.outputs_at`): DDIM with the same two tensor operations per step
+(:func:`_ddim_fast`: the same results), the multistep solvers with one matrix product per step over
+a buffer of the last (x, output) pairs (:func:`_multistep`: the same sum in another order, equal to
+float rounding). At batch 1 a tensor operation costs about a microsecond and the step a few more
+than the network alone (``benchmarks/sampler_overhead.py``). The results are those of the formulas
+in the docstrings up to float rounding (``tests/test_samplers_robust.py`` pins every sampler, and
+the fast paths, to a direct float64 implementation to 1e-12).
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ from torch import Tensor
 
 from .paths import EDM, VE, Path, RectifiedFlow, SubVP, time_grid
 from .random import Generator, randn_like
-from .targets import Prediction, register_times
+from .targets import Prediction, _linear_map, register_times
 
 __all__ = [
     "sample_ancestral",
@@ -172,14 +179,14 @@ class _Grid:
         if ts.ndim != 1 or ts.numel() < 1:
             raise ValueError(f"ts must be a non-empty 1-D tensor of times, got shape {tuple(ts.shape)}")
         t = ts.tolist()
-        if any(b >= a for a, b in zip(t, t[1:])):
-            raise ValueError(f"ts must be strictly decreasing (a grid never repeats a time), got {t}")
         self.denoiser = denoiser
         self.path = path = denoiser.path
         pk = _path_key(path)
         key = None if pk is None else (pk, tuple(t), x.shape[0], x.dtype, x.device)
         data = None if key is None else _GRIDS.get(path, key)
         if data is None or data.times[0]._version != data.version:
+            if any(b >= a for a, b in zip(t, t[1:])):  # (a cached grid has these times: checked when made)
+                raise ValueError(f"ts must be strictly decreasing (a grid never repeats a time), got {t}")
             data = _GridData(path, ts, x)
             if key is not None:
                 _GRIDS.put(path, key, data)
@@ -202,6 +209,12 @@ class _Grid:
         if cond:
             return self.denoiser.predict(x, self.times[i], **cond)
         return self.denoiser.predict(x, self.times[i])
+
+    def outputs(self, x: Tensor, cond: dict | None):
+        """The fast path's ``(output, prediction)`` (:meth:`~scorelab.targets.Denoiser.outputs_at`) of the
+        denoiser on this grid for batches like ``x``, or None (a denoiser without one: guidance, mixtures)."""
+        f = getattr(type(self.denoiser), "outputs_at", None)  # the class's own (not a wrapper's __getattr__)
+        return None if f is None else f(self.denoiser, self.times, x, cond)
 
     def half_log_snr(self, i: int) -> float:
         """``log(alpha_i / sigma_i)`` (half the log-SNR): +inf at a clean time, -inf where alpha = 0."""
@@ -306,6 +319,86 @@ def _report(callback: Callback, i: int, g: _Grid, x: Tensor, pred: Prediction) -
         callback(dict(i=i, t=g.t[i], t_next=g.t[i + 1], x=x, x0=pred.x0))
 
 
+def _c64(g: _Grid, i: int) -> tuple:
+    return g.alpha[i], g.sigma[i], g.d_alpha[i], g.d_sigma[i]
+
+
+def _multistep(g: _Grid, x: Tensor, key: tuple, plan: list, fast, callback: Callback) -> Tensor | None:
+    """The fast path of a multistep plan (DPM-Solver++(2M), UniPC) of steps ``(i, clean, r, w)``:
+
+        x_{n+1} = r x_n + sum_j w_j x0_hat_{n-j}     (x0_hat_m: the prediction made at x_m)
+
+    on the raw network outputs ``u_m`` of a :class:`~scorelab.targets.Denoiser` (``fast`` from
+    :meth:`_Grid.outputs`; ``key``: the plan's memo key). None where it does not apply: the caller
+    then runs its general loop, whose results these are up to float rounding (the same sum, in
+    another order).
+
+    Each ``x0_hat_m = p_m x_m + q_m u_m`` (the conversion table of :mod:`scorelab.targets`), so a step
+    is one fixed linear combination of the last ``k`` pairs ``(x_m, u_m)``. They are kept as the rows
+    of one (2k, N) buffer (a ring: the pair of step n in slot n mod k), and the step is one matrix
+    product of a precomputed weight row with it: three tensor operations (copy u_n in, the product,
+    copy x_{n+1} in) whatever the order, instead of one per term and conversion (~1 us each at batch 1).
+    """
+    if fast is None or torch.is_grad_enabled() or not x.is_contiguous():
+        return None  # in-place copies into a buffer are not for autograd; keep x's memory layout
+    key = key + ("fast", g.denoiser.kind)
+    prog = g.memo.get(key)
+    if prog is None:
+        prog = g.memo[key] = _multistep_program(g, plan, x)
+    if prog is False:
+        return None
+    k, steps = prog
+    output, prediction = fast
+    H = torch.zeros((2 * k,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    Hm, hs = H.view(2 * k, -1), H.unbind(0)  # hs[2 s], hs[2 s + 1]: x and u of slot s, shaped like x
+    y = torch.empty((1, Hm.shape[1]), dtype=x.dtype, device=x.device)
+    ys = y.view(x.shape)
+    hs[0].copy_(x)
+    for i, s, w, s_next in steps:
+        xn = hs[s]
+        u = output(xn, i)
+        if w is None:  # onto a clean time (the last step): x0_hat
+            pred = prediction(xn, u, i)
+            _report(callback, i, g, pred.x0, pred)
+            return pred.x0
+        if callback is not None:
+            pred = prediction(xn, u, i)
+            pred.x0  # made now: the slot of x_n may be the one x_{n+1} goes to
+        hs[s + 1].copy_(u)
+        torch.mm(w, Hm, out=y)
+        x = hs[s_next]
+        x.copy_(ys)
+        if callback is not None:
+            _report(callback, i, g, x.clone(), pred)
+    return x.clone()  # not a view of the buffer
+
+
+def _multistep_program(g: _Grid, plan: list, x: Tensor):
+    """``(k, steps)`` for :func:`_multistep`: per step ``(i, row of x_n, weight row (1, 2k) or None on a
+    clean step, row of x_{n+1})``; False when the fast path cannot run the plan (a conversion that
+    divides by zero, e.g. an eps prediction at alpha = 0; a clean step that is not the last)."""
+    k = max([len(w) for _, clean, _, w in plan if not clean], default=1)
+    steps, rows = [], []
+    for n, (i, clean, r, w) in enumerate(plan):
+        if clean:
+            if n != len(plan) - 1:
+                return False
+            steps.append((i, 2 * (n % k), None, None))
+            continue
+        row = [0.0] * (2 * k)
+        row[2 * (n % k)] += r
+        for j, c in enumerate(w[: n + 1]):  # w_j x0_hat_{n-j} = w_j (p x_{n-j} + q u_{n-j})
+            pq = _linear_map(g.denoiser.kind, _c64(g, plan[n - j][0]), c, 0.0)
+            if pq is None:
+                return False
+            row[2 * ((n - j) % k)] += pq[0]
+            row[2 * ((n - j) % k) + 1] += pq[1]
+        steps.append((i, 2 * (n % k), len(rows), 2 * ((n + 1) % k)))
+        rows.append(row)
+    W = torch.tensor(rows, dtype=x.dtype, device=x.device).reshape(len(rows), 1, 2 * k).unbind(0) if rows else ()
+    return k, [(i, s, None if r is None else W[r], s1) for i, s, r, s1 in steps]
+
+
 # --------------------------------------------------------------------------------------
 # Ancestral sampling and DDIM
 # --------------------------------------------------------------------------------------
@@ -367,6 +460,9 @@ def sample_ddim(denoiser, x: Tensor, ts, *, generator: Generator = None, callbac
             c = eta * s_s * math.sqrt(s2_ts) / s_t
             plan.append((i, False, a_s, math.sqrt(max(s_s**2 - c**2, 0.0)), c))
         g.memo[("ddim", eta)] = plan
+    fast = g.outputs(x, cond)
+    if fast is not None:
+        return _ddim_fast(g, x, eta, plan, fast, generator, callback)
     predict, times, kw = denoiser.predict, g.times, cond or {}
     for i, clean, a_s, b, c in plan:
         pred = predict(x, times[i], **kw) if kw else predict(x, times[i])
@@ -376,6 +472,39 @@ def sample_ddim(denoiser, x: Tensor, ts, *, generator: Generator = None, callbac
             x = _lincomb(pred.terms(a_s, b) + [(c, randn_like(x, generator))])
         else:
             x = _lincomb(pred.terms(a_s, b))
+        if callback is not None:
+            _report(callback, i, g, x, pred)
+    return x
+
+
+def _ddim_fast(g: _Grid, x: Tensor, eta: float, plan: list, fast, generator: Generator, callback: Callback) -> Tensor:
+    """:func:`sample_ddim`'s loop on the raw network outputs ``u`` of a Denoiser (``fast``:
+    :meth:`_Grid.outputs`), with the same operations and so the same results: the pair ``(p, q)``
+    with ``a_s x0_hat + b eps_hat = p x + q u`` that ``Prediction.terms`` gives at every step is made
+    once per grid, and ``x.mul(p).add_(u, alpha=q)`` is what ``_lincomb`` does with it. A step with
+    noise (eta > 0) or any other special case goes through a Prediction as in the general loop."""
+    key = ("ddim", eta, "fast", g.denoiser.kind)
+    fplan = g.memo.get(key)
+    if fplan is None:  # per step: (p, p as a 0-d tensor, q) where the two-operation update applies, else None
+        fplan = []
+        for i, clean, a_s, b, c in plan:
+            pq = None if clean or c > 0 or b == 0 else _linear_map(g.denoiser.kind, _c64(g, i), a_s, b)
+            if pq is not None and 0 in pq:
+                pq = None  # _lincomb drops a zero term
+            fplan.append(None if pq is None else (pq[0], _scalar(pq[0], x.dtype), pq[1]))
+        g.memo[key] = fplan
+    output, prediction = fast
+    for (i, clean, a_s, b, c), pq in zip(plan, fplan):
+        u = output(x, i)
+        if pq is not None and u is x:
+            pq = None  # a net that returns its input: _lincomb merges the two terms
+        pred = prediction(x, u, i) if pq is None or callback is not None else None
+        if pq is not None:
+            x = torch.add(x, u, alpha=pq[2]) if pq[0] == 1 else x.mul(pq[1]).add_(u, alpha=pq[2])
+        elif clean:
+            x = pred.x0
+        else:
+            x = _lincomb(pred.terms(a_s, b) + ([(c, randn_like(x, generator))] if c > 0 else []))
         if callback is not None:
             _report(callback, i, g, x, pred)
     return x
@@ -498,32 +627,35 @@ def sample_dpmpp_2m(denoiser, x: Tensor, ts, *, generator: Generator = None, cal
     g = _Grid(denoiser, ts, x)
     key = ("dpmpp_2m", lower_order_final)
     plan = g.memo.get(key)
-    if plan is None:  # (i, clean, sigma ratio, weight of x0_hat_i, weight of x0_hat_{i-1} or None) per step
+    if plan is None:  # (i, clean, sigma ratio, weights of x0_hat_i and x0_hat_{i-1}) per step
         plan, first, h_prev = [], True, math.nan
         for i in g.steps():
             if g.sigma[i + 1] == 0:
-                plan.append((i, True, 0.0, 0.0, None))
+                plan.append((i, True, 0.0, []))
             else:
                 h = g.hl[i + 1] - g.hl[i]
                 c = -g.alpha[i + 1] * math.expm1(-h)  # x_s = (sigma_s / sigma_t) x_t + c D
                 if not first and math.isfinite(h_prev) and math.isfinite(h) and g.order_cap(i, lower_order_final) >= 2:
                     r = h_prev / h
-                    plan.append((i, False, g.sigma[i + 1] / g.sigma[i], c * (1 + 0.5 / r), -c * (0.5 / r)))
+                    plan.append((i, False, g.sigma[i + 1] / g.sigma[i], [c * (1 + 0.5 / r), -c * (0.5 / r)]))
                 else:
-                    plan.append((i, False, g.sigma[i + 1] / g.sigma[i], c, None))
+                    plan.append((i, False, g.sigma[i + 1] / g.sigma[i], [c]))
                 h_prev = h
             first = False
         g.memo[key] = plan
+    out = _multistep(g, x, key, plan, g.outputs(x, cond), callback)
+    if out is not None:
+        return out
     predict, times, kw = denoiser.predict, g.times, cond or {}
     prev = None
-    for i, clean, r_s, w0, w1 in plan:
+    for i, clean, r_s, w in plan:
         pred = predict(x, times[i], **kw) if kw else predict(x, times[i])
         if clean:
             x = pred.x0
-        elif w1 is None:
-            x = _lincomb([(r_s, x)] + pred.terms(w0, 0.0))
+        elif len(w) == 1:
+            x = _lincomb([(r_s, x)] + pred.terms(w[0], 0.0))
         else:
-            x = _lincomb([(r_s, x)] + pred.terms(w0, 0.0) + prev.terms(w1, 0.0))
+            x = _lincomb([(r_s, x)] + pred.terms(w[0], 0.0) + prev.terms(w[1], 0.0))
         prev = pred
         if callback is not None:
             _report(callback, i, g, x, pred)
@@ -677,6 +809,9 @@ def sample_unipc(denoiser, x: Tensor, ts, *, generator: Generator = None, callba
         raise ValueError(f"unipc variant must be 'bh1' or 'bh2', got {variant!r}")
     g = _Grid(denoiser, ts, x)
     plan = _unipc_plan(g, order, variant, corrector, lower_order_final)
+    out = _multistep(g, x, ("unipc", order, variant, corrector, lower_order_final), plan, g.outputs(x, cond), callback)
+    if out is not None:
+        return out
     predict, times, kw = denoiser.predict, g.times, cond or {}
     preds: list[Prediction] = []  # predictions so far, most recent first
     for i, clean, r_s, w in plan:
@@ -1072,15 +1207,15 @@ def sample(denoiser, shape_or_x, steps: int, sampler: str | None = None, grid: s
     except TypeError:  # an unhashable grid option: no caching
         key = None
     ts = None if key is None else _TIME_GRIDS.get(path, key)
-    if ts is None:
+    if ts is None:  # (a cached grid was checked when made)
         ts = time_grid(path, steps, grid, **(grid_opts or {}))
+        if not torch.isfinite(ts[:-1]).all():
+            raise ValueError(
+                f"time grid {grid!r} is not finite on path {path!r} (log-SNR infinite at an end?): "
+                f"{ts.tolist()}; try grid='uniform' or grid='shift'"
+            )
         if key is not None:
             _TIME_GRIDS.put(path, key, ts)
-    if not torch.isfinite(ts[:-1]).all():
-        raise ValueError(
-            f"time grid {grid!r} is not finite on path {path!r} (log-SNR infinite at an end?): "
-            f"{ts.tolist()}; try grid='uniform' or grid='shift'"
-        )
     with torch.set_grad_enabled(enable_grad):
         if torch.is_tensor(shape_or_x):
             x = shape_or_x

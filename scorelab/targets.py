@@ -182,10 +182,11 @@ class Prediction:
         coefficients are dropped. A lazy eps prediction asked for ``x0`` alone (``b = 0``, as the
         multistep solvers do with their history) is one term instead, ``(a / alpha) (x_t - sigma u)``,
         with ``x_t - sigma u`` formed once and kept: a prediction reused by several updates costs one
-        operation, not two per update.
+        operation, not two per update. The terms do not depend on whether ``x0`` was asked for before
+        (a callback reading it changes no result).
         """
         if self._value is not None:
-            if b == 0 and self._kind == "eps" and self._x0 is None and self._c64[0] != 0:
+            if b == 0 and self._kind == "eps" and self._c64[0] != 0:
                 if self._ax0 is None:
                     self._ax0 = torch.add(self.x_t, self._value, alpha=-self._c64[1])  # alpha x0 = x_t - sigma u
                 return [(a / self._c64[0], self._ax0)] if a != 0 else []
@@ -235,7 +236,7 @@ class _TimeTable:
     ``memo``: other values a denoiser derives per time (its scalings), by key.
     """
 
-    __slots__ = ("path", "dtype", "batch", "ts", "c64", "cx", "_c0", "_tau", "memo")
+    __slots__ = ("path", "dtype", "batch", "ts", "c64", "cx", "_c0", "_tau", "memo", "points")
 
     def __init__(self, path, ts, x, c):
         self.path, self.dtype, self.batch, self.ts = path, x.dtype, x.shape[0], ts
@@ -245,6 +246,7 @@ class _TimeTable:
         self._c0: dict[int, Coefficients] = {}
         self._tau: dict = {}
         self.memo: dict = {}
+        self.points: list = []  # the _TimePoint of each time, in order (set by register_times)
 
     def c0(self, i: int) -> Coefficients:
         c = self._c0.get(i)
@@ -296,6 +298,7 @@ def register_times(path: Path, ts: Tensor, x: Tensor, c: Coefficients | None = N
     times = ts_dev[:, None].expand(len(ts), x.shape[0]).unbind(0)  # N views of shape (B,)
     for i, t in enumerate(times):
         _TIMES[id(t)] = _TimePoint(t, table, i)
+        table.points.append(_TIMES[id(t)])
     return list(times)
 
 
@@ -432,8 +435,11 @@ class Denoiser:
             c = self.path.coefficients(t).to(x)
             x0, eps = to_x0_eps(self.raw(x, t, **cond), self.kind, x, c)
             return Prediction(x, c, x0, eps)
+        return Prediction.of_kind(x, self._output(x, tab, e.i, cond), self.kind, e, tab.c64[e.i])
+
+    def _output(self, x: Tensor, tab: "_TimeTable", i: int, cond: dict) -> Tensor:
+        """:meth:`raw` at the registered time ``i`` of ``tab``, from its stored coefficients and time inputs."""
         dt = self.net_dtype or x.dtype
-        i = e.i
         rows = tab._tau.get(dt)
         tau = rows[i] if rows is not None else tab.tau(dt, i)  # path.c_noise(t).to(dt), as _net makes it
         if self.precond != "none":
@@ -453,7 +459,42 @@ class Denoiser:
         out = out if out.dtype is x.dtype else out.to(x.dtype)
         if self.precond == "edm":
             out = sc[1] * x + sc[2] * out  # c_skip x~ + c_out F: an x0 estimate
-        return Prediction.of_kind(x, out, self.kind, e, tab.c64[i])
+        return out
+
+    def outputs_at(self, times: list[Tensor], x: Tensor, cond: dict | None = None):
+        """A sampler's fast path: ``(output, prediction)`` on one grid's registered ``times``
+        (:func:`register_times`, for this path and batches like ``x``), or None.
+
+        ``times`` is the list :func:`register_times` returned. ``output(x, i)`` is the network's output
+        of ``self.kind`` at ``(x, times[i])`` (:meth:`raw`), the tensor :meth:`predict` wraps, without
+        the :class:`Prediction`; ``prediction(x, u, i)`` the Prediction ``predict`` returns for it
+        (``u = output(x, i)``); the coefficients of each time are ``registered_time(times[i], ...).c64``.
+        None as well when ``predict`` is not this class's own (a subclass, or one replaced on the
+        instance), whose answers these would not be.
+        """
+        e = registered_time(times[0], self.path, x)
+        if e is None or type(self).predict is not Denoiser.predict or "predict" in self.__dict__:
+            return None
+        tab, kind, cond = e.table, self.kind, cond or {}
+        if e.i != 0 or len(times) != len(tab.points):
+            return None
+        points = tab.points
+        if self.precond == "none" and self.autocast is None and (self.net_dtype or x.dtype) is x.dtype:
+            net, dtype = self.net, x.dtype
+            tab.tau(dtype, 0)
+            tau = tab._tau[dtype]  # path.c_noise(times[i]).to(dtype), made once per grid
+
+            def output(x: Tensor, i: int) -> Tensor:  # _output() without the branches it does not take here
+                out = net(x, tau[i], **cond)
+                return out if out.dtype is dtype else out.to(dtype)
+        else:
+            def output(x: Tensor, i: int) -> Tensor:
+                return self._output(x, tab, i, cond)
+
+        def prediction(x: Tensor, u: Tensor, i: int) -> Prediction:
+            return Prediction.of_kind(x, u, kind, points[i], tab.c64[i])
+
+        return output, prediction
 
     def __call__(self, x: Tensor, t, kind: str = "x0", **cond) -> Tensor:
         """The prediction of ``kind`` at ``(x, t)`` (the raw output when ``kind`` is the net's own)."""

@@ -377,6 +377,52 @@ def test_samplers_equal_direct_implementations(label):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{label} on {pn} ({grid}, {den!r:.40})")
 
 
+FAST = {"ddim": "ddim", "ddim_eta": "ddim", "dpmpp_2m": "dpmpp_2m", "dpmpp_2m_nolof": "dpmpp_2m", "unipc": "unipc",
+        "unipc_bh1_3": "unipc", "unipc_3_nocorr": "unipc"}
+
+
+@pytest.mark.parametrize("label", list(FAST))
+def test_fast_paths_equal_direct_implementations_and_the_general_loop(label, monkeypatch):
+    """Without autograd (as ``sample()`` runs them) DDIM, DPM-Solver++(2M) and UniPC on a Denoiser take their
+    fast paths on the raw network outputs (``samplers._ddim_fast``, ``samplers._multistep``): the direct float64
+    implementations to 1e-12 for every kind and preconditioning, with or without a callback (which sees what the
+    general loop shows it and changes no result); in float32 the general loop's results, exactly for DDIM (the
+    same operations) and to float rounding for the multistep matrix product (the same sum in another order)."""
+    ref_fn, opts = REFERENCES[label]
+    name = FAST[label]
+    taken = []
+    for fn in ("_ddim_fast", "_multistep"):
+        orig = getattr(S, fn)
+        monkeypatch.setattr(S, fn, lambda *a, orig=orig, **k: taken.append(r := orig(*a, **k)) or r)
+    for k, (pn, kind, precond) in enumerate(NET_CASES):
+        net = TinyNet(3, 5)
+        path = make_path(pn)
+        ts = time_grid(path, 7, ("logsnr_x0", "uniform")[k % 2])
+        for dtype in (F, torch.float32):
+            den = Denoiser(net.to(dtype), path, kind, precond=precond)
+            x = path.prior_sample((8, 3), generator=gen(1), dtype=dtype)
+            seen_fast, seen_general = [], []
+            with torch.no_grad():
+                taken.clear()
+                fast = S.SAMPLERS[name](den, x.clone(), ts, generator=gen(2), **opts)
+                assert taken and taken[-1] is not None, f"{label} on {pn}: the fast path was not taken"
+                fast_cb = S.SAMPLERS[name](den, x.clone(), ts, generator=gen(2), callback=seen_fast.append, **opts)
+            general = S.SAMPLERS[name](den, x.clone(), ts, generator=gen(2), callback=seen_general.append, **opts).detach()
+            assert torch.equal(fast_cb, fast), f"{label} on {pn}: a callback changed the result"
+            assert len(seen_fast) == len(seen_general) == len(ts) - 1
+            msg = f"{label} on {pn} ({kind}, {precond}, {dtype})"
+            if dtype == F:
+                want = ref_fn(den, x.clone(), ts.tolist(), generator=gen(2), **opts)
+                torch.testing.assert_close(fast, want, rtol=1e-12, atol=1e-12, msg=msg)
+            tol = dict(rtol=0, atol=0) if name == "ddim" else dict(rtol=1e-5, atol=1e-5 * float(general.abs().max()))
+            torch.testing.assert_close(fast, general, **tol, msg=msg)
+            for a, b in zip(seen_fast, seen_general):
+                assert a["i"] == b["i"] and a["t"] == b["t"] and a["t_next"] == b["t_next"]
+                for v in ("x", "x0"):
+                    tol = dict(rtol=0, atol=0) if name == "ddim" else dict(rtol=1e-5, atol=1e-5 * float(b[v].detach().abs().max()))
+                    torch.testing.assert_close(a[v], b[v].detach(), **tol, msg=f"{msg}: callback {v} at step {a['i']}")
+
+
 def test_unipc1_without_corrector_is_ddim():
     """UniP-1 is the first-order exponential integrator, i.e. DDIM (eta = 0), to rounding."""
     gm = random_mixture(3, 4, seed=6)
