@@ -4,12 +4,12 @@
     python benchmarks/train_budget.py --minutes 1 --n-eval 200 --quick    # a smoke run
 
 Each contender runs in its own subprocess (so peak memory is its own) on the same data, the same
-batch size and the same budget: scorelab's default preset (``configs/fmnist-rf.yaml``: rectified
-flow, patchified U-Net) and, when diffusers is installed, ``UNet2DModel`` + ``DDPMScheduler``
-(eps prediction, uniform timesteps, AdamW at the same learning rate) with a parameter count
-close to ours. Afterwards each draws ``--n-eval`` samples (ours: its preset sampler; diffusers:
-``DDPMScheduler`` ancestral with ``--ddpm-steps`` steps) and both are scored with the shipped
-domain classifier (FID, KID) against the test split. Prints a table and writes JSON to
+batch size (the preset's unless ``--batch``) and the same budget: scorelab's default preset
+(``configs/fmnist-rf.yaml``: rectified flow, patchified U-Net, its own learning rate) and, when
+diffusers is installed, ``UNet2DModel`` + ``DDPMScheduler`` (eps prediction, uniform timesteps,
+AdamW at ``--lr``, 100 warm-up steps) with a parameter count close to ours. Afterwards each
+draws ``--n-eval`` samples (ours: its preset sampler; diffusers: ``DDPMScheduler`` ancestral with
+``--ddpm-steps`` steps) and both are scored with the shipped domain classifier (FID, KID) against the test split. Prints a table and writes JSON to
 ``benchmarks/results/train_budget.json``.
 """
 
@@ -141,8 +141,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0, help="training budget per contender")
     p.add_argument("--data", default="fmnist", help="dataset registry name (fmnist: the full 60k/10k)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=0, help="batch size of both contenders (default: the preset's)")
+    p.add_argument("--lr", type=float, default=2e-3, help="diffusers' AdamW learning rate (ours: the preset's)")
     p.add_argument("--n-eval", type=int, default=1000, help="generated images scored")
     p.add_argument("--n-real", type=int, default=10000, help="test images scored against")
     p.add_argument("--ddpm-steps", type=int, default=100, help="diffusers DDPM sampling steps")
@@ -153,6 +153,12 @@ def main():
     p.add_argument("--workdir", default="/tmp/scorelab-train-budget", help=argparse.SUPPRESS)
     p.add_argument("--match-params", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not args.batch:
+        import yaml
+
+        from scorelab.cli.common import presets_dir
+
+        args.batch = int(yaml.safe_load((presets_dir() / "fmnist-rf.yaml").read_text())["train"]["batch_size"])
     if args.quick:
         args.n_eval, args.n_real, args.ddpm_steps = min(args.n_eval, 200), min(args.n_real, 1000), min(args.ddpm_steps, 20)
 
