@@ -69,7 +69,7 @@ def worker_ours(args) -> dict:
     m = evaluate_images(x, test.float_images()[: args.n_real])
     return {"name": "scorelab rf (default preset)", "params": params, "steps": summary["step"], "train_s": train_s,
             "img_s": summary["step"] * args.batch / summary["elapsed"], "sample_s": sample_s,
-            "sampler": f"{fam.cfg.sampler} x{fam.cfg.sampling_steps}", "precision": tr.precision.describe(), **m,
+            "sampler": f"{fam.cfg.sampler} x{fam.cfg.sampling_steps}", "compute": tr.precision.describe(), **m,
             "peak_mb": peak_mb()}
 
 
@@ -134,7 +134,7 @@ def worker_diffusers(args) -> dict:
     m = evaluate_images(torch.cat(outs), test.float_images()[: args.n_real])
     return {"name": f"diffusers UNet2DModel+DDPM (width {best[1]})", "params": params, "steps": steps, "train_s": train_s,
             "img_s": steps * args.batch / train_s, "sample_s": sample_s, "sampler": f"DDPMScheduler x{args.ddpm_steps}",
-            "precision": "fp32 (as shipped)", **m, "peak_mb": peak_mb()}
+            "compute": "fp32 (as shipped)", **m, "peak_mb": peak_mb()}
 
 
 def main():
@@ -196,7 +196,7 @@ def main():
     machine = header(f"\nbudget {args.minutes} min per contender, data {args.data}, batch {args.batch}, {args.n_eval} samples vs "
                      f"{args.n_real} test images")
     for r in rows:
-        print(f"  {r['name']}: {r['precision']}")
+        print(f"  {r['name']}: {r['compute']}")
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:
