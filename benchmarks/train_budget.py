@@ -81,7 +81,7 @@ def diffusers_unet(width: int):
         block_out_channels=(width, 2 * width, 2 * width),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8 if width % 32 else 32,  # must divide every width
+        norm_num_groups=32 if width % 32 == 0 else 8 if width % 8 == 0 else 4,  # must divide every width
     )
 
 
@@ -93,7 +93,7 @@ def worker_diffusers(args) -> dict:
     torch.manual_seed(0)
     target = args.match_params
     # the width whose parameter count is closest to ours
-    best = min((abs(sum(p.numel() for p in diffusers_unet(w).parameters()) - target), w) for w in (16, 24, 32, 40, 48, 64))
+    best = min((abs(sum(p.numel() for p in diffusers_unet(w).parameters()) - target), w) for w in (16, 24, 28, 32, 40, 48, 64))
     net = diffusers_unet(best[1])
     params = sum(p.numel() for p in net.parameters())
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
@@ -151,7 +151,7 @@ def main():
     p.add_argument("--out", default=str(RESULTS / "train_budget.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="/tmp/scorelab-train-budget", help=argparse.SUPPRESS)
-    p.add_argument("--match-params", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--match-params", type=int, default=0, help="with --only diffusers: the parameter count its width is chosen to match (default 2M)")
     args = p.parse_args()
     if not args.batch:
         import yaml
@@ -190,7 +190,7 @@ def main():
     except ImportError:
         have_diffusers = False
     if args.only != "ours" and have_diffusers:
-        target = rows[0]["params"] if rows else 2_000_000
+        target = rows[0]["params"] if rows else (args.match_params or 2_000_000)
         rows.append(launch("diffusers", ["--match-params", str(target)]))
     cols = ["name", "params", "steps", "img_s", "peak_mb", "fid", "kid", "precision", "recall", "sampler", "sample_s"]
     machine = header(f"\nbudget {args.minutes} min per contender, data {args.data}, batch {args.batch}, {args.n_eval} samples vs "
