@@ -481,26 +481,20 @@ def _ddim_fast(g: _Grid, x: Tensor, eta: float, plan: list, fast, generator: Gen
     """:func:`sample_ddim`'s loop on the raw network outputs ``u`` of a Denoiser (``fast``:
     :meth:`_Grid.outputs`), with the same operations and so the same results: the pair ``(p, q)``
     with ``a_s x0_hat + b eps_hat = p x + q u`` that ``Prediction.terms`` gives at every step is made
-    once per grid, and ``x.mul(p).add_(u, alpha=q)`` is what ``_lincomb`` does with it. A step with
-    noise (eta > 0) or any other special case goes through a Prediction as in the general loop."""
+    once per grid and summed by the same :func:`_lincomb`. A step with noise (eta > 0) or any other
+    special case goes through a Prediction as in the general loop."""
     key = ("ddim", eta, "fast", g.denoiser.kind)
     fplan = g.memo.get(key)
-    if fplan is None:  # per step: (p, p as a 0-d tensor, q) where the two-operation update applies, else None
-        fplan = []
-        for i, clean, a_s, b, c in plan:
-            pq = None if clean or c > 0 or b == 0 else _linear_map(g.denoiser.kind, _c64(g, i), a_s, b)
-            if pq is not None and 0 in pq:
-                pq = None  # _lincomb drops a zero term
-            fplan.append(None if pq is None else (pq[0], _scalar(pq[0], x.dtype), pq[1]))
+    if fplan is None:  # per step: (p, q) where the update is p x + q u, else None
+        fplan = [None if clean or c > 0 or b == 0 else _linear_map(g.denoiser.kind, _c64(g, i), a_s, b)
+                 for i, clean, a_s, b, c in plan]
         g.memo[key] = fplan
     output, prediction = fast
     for (i, clean, a_s, b, c), pq in zip(plan, fplan):
         u = output(x, i)
-        if pq is not None and u is x:
-            pq = None  # a net that returns its input: _lincomb merges the two terms
         pred = prediction(x, u, i) if pq is None or callback is not None else None
         if pq is not None:
-            x = torch.add(x, u, alpha=pq[2]) if pq[0] == 1 else x.mul(pq[1]).add_(u, alpha=pq[2])
+            x = _lincomb([(pq[0], x), (pq[1], u)])
         elif clean:
             x = pred.x0
         else:
