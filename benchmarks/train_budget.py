@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -41,14 +42,12 @@ def load_split(data: str, split: str):
 
 
 def worker_ours(args) -> dict:
-    import yaml
-
-    from scorelab.cli.common import build, presets_dir
+    from scorelab.cli.common import build, resolve_config
     from scorelab.metrics import evaluate_images
     from scorelab.train.config import RunConfig
     from scorelab.train.trainer import Trainer
 
-    raw = yaml.safe_load((presets_dir() / "fmnist-rf.yaml").read_text())
+    raw = resolve_config(None)  # the default preset, fmnist-rf
     raw["name"] = "budget-ours"
     raw["data"] = {"name": args.data}
     raw["train"].update(steps=10**9, max_minutes=args.minutes, batch_size=args.batch, sample_every=0, ckpt_every=0)
@@ -57,6 +56,7 @@ def worker_ours(args) -> dict:
     fam = build(cfg, train)
     params = sum(p.numel() for p in fam.net.parameters())
     run_dir = Path(args.workdir) / "ours"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own scratch run: a rerun starts afresh
     tr = Trainer(cfg, run_dir, fam, train, progress=False)
     t0 = time.perf_counter()
     summary = tr.fit()
@@ -154,11 +154,9 @@ def main():
     p.add_argument("--match-params", type=int, default=0, help="with --only diffusers: the parameter count its width is chosen to match (default 2M)")
     args = p.parse_args()
     if not args.batch:
-        import yaml
+        from scorelab.cli.common import resolve_config
 
-        from scorelab.cli.common import presets_dir
-
-        args.batch = int(yaml.safe_load((presets_dir() / "fmnist-rf.yaml").read_text())["train"]["batch_size"])
+        args.batch = int(resolve_config(None)["train"]["batch_size"])
     if args.quick:
         args.n_eval, args.n_real, args.ddpm_steps = min(args.n_eval, 200), min(args.n_real, 1000), min(args.ddpm_steps, 20)
 
